@@ -1,1 +1,35 @@
+"""Growth operators: width (HyperCloning), depth (identity / G_stack), MoE upcycling.
 
+Each operator returns a new model and leaves its source untouched (no shared storage).
+One table of parameter roles (``roles.py``) drives every operator; an adapter
+(``adapters.py``) maps an architecture's parameter names to those roles.
+"""
+
+from .adapters import ReferenceAdapter, get_adapter, register_adapter
+from .bilateral import scale_bilaterally
+from .depth import default_positions, grow_depth
+from .moe import DEFAULT_ROUTER_STD, upcycle_to_moe
+from .optimizer import transfer_adam_state
+from .records import GrowthRecord, Source
+from .roles import ROLE_RULES, ParamRole, Role, RoleRule
+from .width import grow_width, hyperclone_weight
+
+__all__ = [
+    "DEFAULT_ROUTER_STD",
+    "GrowthRecord",
+    "ParamRole",
+    "ROLE_RULES",
+    "ReferenceAdapter",
+    "Role",
+    "RoleRule",
+    "Source",
+    "default_positions",
+    "get_adapter",
+    "grow_depth",
+    "grow_width",
+    "hyperclone_weight",
+    "register_adapter",
+    "scale_bilaterally",
+    "transfer_adam_state",
+    "upcycle_to_moe",
+]

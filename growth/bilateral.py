@@ -1,0 +1,51 @@
+"""Bilateral growth: width (HyperCloning), then depth, in one call."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .depth import DEPTH_MODES, grow_depth
+from .width import check_noise, check_scale, grow_width
+
+
+def scale_bilaterally(
+    model: nn.Module,
+    scale_factor: int = 2,
+    extra_layers: int = 4,
+    noise_std: float = 1e-5,
+    *,
+    depth_mode: str = "identity",
+    positions: list[int] | None = None,
+    noise: str = "zero_sum",
+    seed: int = 0,
+) -> nn.Module:
+    """Grow ``model`` to ``scale_factor`` x its width, then add ``extra_layers`` layers.
+
+    Function-preserving with the defaults (zero-sum noise, identity layers); with
+    ``depth_mode="stack"`` the depth step changes the function by design.
+
+    Args:
+        model: the source model (left untouched).
+        scale_factor: width multiple, a whole number >= 2.
+        extra_layers: layers to add after widening (>= 0).
+        noise_std: zero-sum symmetry-breaking noise of the width step.
+        depth_mode: ``"identity"`` or ``"stack"`` (see ``grow_depth``).
+        positions: where the new layers go (see ``grow_depth``).
+        noise: ``"zero_sum"`` or ``"independent"``.
+        seed: noise seed.
+
+    Returns:
+        The grown model; ``growth_records`` holds the width record, then the depth record.
+    """
+    # Every argument is checked before the first (large) allocation.
+    check_scale(scale_factor)
+    check_noise(noise_std, noise)
+    if isinstance(extra_layers, bool) or not isinstance(extra_layers, int) or extra_layers < 0:
+        raise ValueError(f"extra_layers must be a whole number >= 0, got {extra_layers!r}")
+    if depth_mode not in DEPTH_MODES:
+        raise ValueError(f"depth_mode must be one of {DEPTH_MODES}, got {depth_mode!r}")
+    wide = grow_width(model, scale_factor, noise_std=noise_std, noise=noise, seed=seed)
+    width_records = wide.growth_records
+    grown = grow_depth(wide, extra_layers, mode=depth_mode, positions=positions)
+    grown.growth_records = width_records + grown.growth_records
+    return grown

@@ -1,0 +1,151 @@
+"""Depth growth: identity blocks (LLaMA-Pro, LEMON) or G_stack stacking (Du et al. 2024).
+
+``mode="identity"`` (function-preserving): each new layer is a copy of the layer it is
+inserted after, with every projection that writes to the residual stream zeroed::
+
+    h -> h + o_proj(attn(.)) + down_proj(mlp(.))      with o_proj = 0, down_proj = 0
+      =  h                                            (pre-norm blocks add exactly 0)
+
+The zeroed projections still receive gradients (their inputs are not zero), so the new
+layer starts learning at once; its q/k/v/up/gate start with zero gradient.
+
+``mode="stack"`` (NOT function-preserving: it changes the function by design): new layers
+are copies of existing ones, as in G_stack. When ``n_layers + extra_layers`` is a whole
+multiple k of ``n_layers`` the whole stack is repeated k times, as in the paper::
+
+    [0 1 2 3]  --(extra 4)-->  [0 1 2 3 | 0 1 2 3]
+
+otherwise the whole stack is repeated ``extra_layers // n_layers`` times and then the top
+``extra_layers % n_layers`` layers are copied once more, on top::
+
+    [0 1 2 3]  --(extra 2)-->  [0 1 2 3 | 2 3]
+
+Layers are numbered from 0. Copies never share storage with the source.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .adapters import get_adapter
+from .records import GrowthRecord, Source, attach_records
+
+DEPTH_MODES = ("identity", "stack")
+
+
+def default_positions(n_layers: int, extra_layers: int) -> list[int]:
+    """Where identity layers go by default: spread evenly, at the end of each group.
+
+    With ``extra <= n`` the n layers are cut into ``extra`` near-equal groups and one new
+    layer follows each group (LLaMA-Pro's layout): n=8, extra=2 -> after layers 3 and 7.
+    With ``extra > n`` every layer is followed by ``extra // n`` or one more new layers,
+    the extra ones from the bottom: n=2, extra=3 -> after layers 0, 0, 1.
+    """
+    if extra_layers <= n_layers:
+        return [((k + 1) * n_layers) // extra_layers - 1 for k in range(extra_layers)]
+    return sorted((k * n_layers) // extra_layers for k in range(extra_layers))
+
+
+def _check(model, extra_layers, mode, positions, n_layers) -> list[int] | None:
+    if isinstance(extra_layers, bool) or not isinstance(extra_layers, int) or extra_layers < 0:
+        raise ValueError(f"extra_layers must be a whole number >= 0, got {extra_layers!r}")
+    if mode not in DEPTH_MODES:
+        raise ValueError(f"mode must be one of {DEPTH_MODES}, got {mode!r}")
+    if positions is None:
+        return None
+    positions = list(positions)
+    if len(positions) != extra_layers:
+        raise ValueError(
+            f"positions must name one source layer per new layer: got {len(positions)} positions "
+            f"for extra_layers={extra_layers}"
+        )
+    for p in positions:
+        if isinstance(p, bool) or not isinstance(p, int) or not 0 <= p < n_layers:
+            raise ValueError(
+                f"positions must be source-layer indices in [0, {n_layers - 1}] (layers are "
+                f"numbered from 0; a new layer goes after the named one), got {p!r}"
+            )
+    return sorted(positions)
+
+
+def layer_plan(n_layers: int, extra_layers: int, mode: str, positions: list[int] | None) -> list[tuple[int, str]]:
+    """For every new layer, (source layer, kind): kind is original, identity or copy."""
+    if mode == "stack" and positions is None:
+        whole, rest = divmod(extra_layers, n_layers)
+        plan = [(i, "original") for i in range(n_layers)]
+        plan += [(i, "copy") for _ in range(whole) for i in range(n_layers)]
+        plan += [(i, "copy") for i in range(n_layers - rest, n_layers)]
+        return plan
+    if positions is None:
+        positions = default_positions(n_layers, extra_layers)
+    new_kind = "identity" if mode == "identity" else "copy"
+    plan = []
+    for i in range(n_layers):
+        plan.append((i, "original"))
+        plan += [(i, new_kind)] * positions.count(i)
+    return plan
+
+
+@torch.no_grad()
+def grow_depth(
+    model: nn.Module,
+    extra_layers: int,
+    *,
+    mode: str = "identity",
+    positions: list[int] | None = None,
+) -> nn.Module:
+    """Insert ``extra_layers`` new layers.
+
+    Args:
+        model: the source model (left untouched; nothing is shared with it).
+        extra_layers: how many layers to add (0 returns a copy).
+        mode: ``"identity"`` (function-preserving) or ``"stack"`` (G_stack; changes the
+            function by design, see the module docstring for the rule).
+        positions: source-layer indices (from 0) after which each new layer goes; a
+            new layer copies the layer it follows. Default: ``default_positions`` for
+            ``identity``; the G_stack rule for ``stack``.
+
+    Returns:
+        The deeper model with ``growth_records[-1].layer_map`` listing, for every new
+        layer, its source layer and kind.
+    """
+    adapter = get_adapter(model, "depth growth")
+    n_layers = adapter.n_layers(model)
+    positions = _check(model, extra_layers, mode, positions, n_layers)
+    roles = adapter.param_roles(model)
+    plan = layer_plan(n_layers, extra_layers, mode, positions)
+    new_config = adapter.deepen_config(model, len(plan))
+
+    source_state = model.state_dict()
+    by_layer: dict[int, list[str]] = {}
+    state, sources = {}, {}
+    for name, pr in roles.items():
+        if pr.layer is None:
+            state[name] = source_state[name].clone()
+            sources[name] = Source("copy", pr.role, name)
+        else:
+            by_layer.setdefault(pr.layer, []).append(name)
+    for new_layer, (src_layer, kind) in enumerate(plan):
+        for name in by_layer.get(src_layer, []):
+            pr = roles[name]
+            new_name = adapter.rename_layer(name, new_layer)
+            t = source_state[name]
+            if kind == "identity" and pr.rule.writes_residual:
+                state[new_name] = torch.zeros_like(t)
+                sources[new_name] = Source("zero", pr.role, name)
+            else:
+                state[new_name] = t.clone()
+                sources[new_name] = Source("identity_copy" if kind == "identity" else "copy", pr.role, name)
+    grown = adapter.build(new_config, state)
+    grown.train(model.training)
+    preserving = mode == "identity" or extra_layers == 0
+    attach_records(grown, [GrowthRecord(
+        "depth",
+        dict(extra_layers=extra_layers, mode=mode, positions=positions),
+        sources,
+        layer_map=plan,
+        function_preserving=preserving,
+        notes=[] if preserving else ["stack mode copies layers: the function changes by design (G_stack)"],
+    )])
+    return grown

@@ -1,0 +1,98 @@
+"""Where every grown parameter came from, so per-parameter state can follow the weights.
+
+Each growth operator attaches a :class:`GrowthRecord` to the model it returns
+(``model.growth_records``, a list: ``scale_bilaterally`` leaves two). The record maps each
+new parameter name to its :class:`Source`; :meth:`GrowthRecord.map_tensors` replays the
+same structural change on any per-parameter tensors (Adam moments, gradient statistics).
+The verification checks read ``layer_map`` to pair old layers with new ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .roles import ROLE_RULES, Role
+
+
+@dataclass(frozen=True)
+class Source:
+    """How one new parameter was made.
+
+    kind:
+        ``widen``: the source tiled by the role's repeats (``scale``);
+        ``copy``: an exact copy of the source (kept layers, stacked layers);
+        ``zero``: zeros shaped like the source (projections of an identity layer that write
+        to the residual stream);
+        ``identity_copy``: a copy of the source kept as the input side of an identity layer;
+        ``experts``: ``n_experts`` copies of a dense MLP tensor stacked on a new dim 0;
+        ``fresh``: newly initialized (a router): no source.
+    """
+
+    kind: str
+    role: Role
+    name: str | None = None
+    scale: int = 1
+    n_experts: int = 0
+    shape: tuple[int, ...] = ()
+
+
+@dataclass
+class GrowthRecord:
+    """One growth step: its operator, settings and the provenance of every parameter."""
+
+    op: str
+    settings: dict
+    sources: dict[str, Source]
+    # depth growth: for each new layer, (source layer, "original" | "identity" | "copy")
+    layer_map: list[tuple[int, str]] | None = None
+    function_preserving: bool = True
+    notes: list[str] = field(default_factory=list)
+
+    def map_tensors(self, tensors: dict[str, torch.Tensor], moment: int = 1) -> dict[str, torch.Tensor]:
+        """Replay this growth on per-parameter tensors keyed by source parameter name.
+
+        Args:
+            tensors: source name -> tensor shaped like that parameter (e.g. Adam ``exp_avg``).
+            moment: 1 for first moments (scaled by the gradient factor), 2 for second
+                moments (scaled by its square). Missing sources give zeros.
+
+        Returns:
+            new parameter name -> tensor shaped like the new parameter.
+        """
+        from .width import tile_for_role  # width imports this module
+
+        out = {}
+        for new_name, src in self.sources.items():
+            t = tensors.get(src.name) if src.name is not None else None
+            if src.kind == "fresh" or t is None:
+                out[new_name] = None if src.kind != "fresh" else torch.zeros(src.shape)
+                continue
+            if src.kind == "widen":
+                factor = ROLE_RULES[src.role].gradient_factor(src.scale) ** moment
+                grown = tile_for_role(t, src.role, src.scale, divide=False)
+                out[new_name] = grown * factor if factor != 1.0 else grown
+            elif src.kind in ("copy", "identity_copy"):
+                # an identity layer's input side starts with zero gradient: fresh moments
+                out[new_name] = t.clone() if src.kind == "copy" else torch.zeros_like(t)
+            elif src.kind == "zero":
+                out[new_name] = torch.zeros_like(t)
+            elif src.kind == "experts":
+                # each expert sees about 1/E of the tokens' routing mass
+                scaled = t * (1.0 / src.n_experts) ** moment
+                out[new_name] = scaled.unsqueeze(0).expand(src.n_experts, *t.shape).clone()
+            else:  # pragma: no cover - guarded by the operators
+                raise ValueError(f"unknown source kind {src.kind!r}")
+        return out
+
+    def summary(self) -> str:
+        kinds: dict[str, int] = {}
+        for s in self.sources.values():
+            kinds[s.kind] = kinds.get(s.kind, 0) + 1
+        return f"{self.op}({self.settings}) -> " + ", ".join(f"{k}: {v}" for k, v in sorted(kinds.items()))
+
+
+def attach_records(model, records: list[GrowthRecord]) -> None:
+    """Record how ``model`` was grown (an attribute; not saved in checkpoints)."""
+    model.growth_records = list(records)

@@ -1,0 +1,165 @@
+"""Width growth by HyperCloning (Samragh et al. 2024): every hidden vector becomes [h, ..., h].
+
+For scale s, each parameter is tiled by its role's rule (``roles.py``); a linear map's
+input dim is divided by s; zero-sum noise breaks the symmetry between clones without
+changing the function. A q projection with s = 2::
+
+        d           d                    source W: [H*hd, d]
+    +-------+-------+
+    | W/2+N | W/2-N |  H*hd    heads h1..hH          input  [x, x]
+    +-------+-------+                                output [Wx, Wx]: heads h1..hH, h1..hH
+    | W/2+N'| W/2-N'|  H*hd    heads h1..hH again
+    +-------+-------+
+
+head_dim stays, so RoPE and the 1/sqrt(hd) softmax scale are untouched; n_heads and
+n_kv_heads double together, so query head H+i meets KV head KV + i // (H/KV), the copy of
+its own KV head (interleaving the copies instead would break that pairing).
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import torch
+from torch import nn
+
+from growkit.kernels import hyperclone
+
+from .adapters import get_adapter
+from .records import GrowthRecord, Source, attach_records
+from .roles import ROLE_RULES, Role
+
+
+def check_scale(scale_factor, name: str = "scale_factor") -> int:
+    """A whole number >= 2, as int; ValueError naming ``name`` otherwise."""
+    if isinstance(scale_factor, bool) or not isinstance(scale_factor, (int, float)):
+        raise ValueError(f"{name} must be a whole number >= 2, got {scale_factor!r}")
+    if isinstance(scale_factor, float) and not (math.isfinite(scale_factor) and scale_factor.is_integer()):
+        raise ValueError(
+            f"{name} must be a whole number >= 2, got {scale_factor}: HyperCloning tiles whole "
+            "copies (use 2, 3, 4, ...)"
+        )
+    if scale_factor < 2:
+        raise ValueError(f"{name} must be a whole number >= 2, got {scale_factor}")
+    return int(scale_factor)
+
+
+def check_noise(noise_std, noise) -> float:
+    if isinstance(noise_std, bool) or not isinstance(noise_std, (int, float)) or not math.isfinite(noise_std) or noise_std < 0:
+        raise ValueError(f"noise_std must be a finite float >= 0, got {noise_std!r}")
+    if noise not in ("zero_sum", "independent"):
+        raise ValueError(f"noise must be 'zero_sum' or 'independent', got {noise!r}")
+    return float(noise_std)
+
+
+def derive_seed(seed: int, name: str) -> int:
+    """A per-parameter seed, so that no two tensors get the same noise stream."""
+    return (seed * 0x9E3779B97F4A7C15 + zlib.crc32(name.encode())) % (2**63)
+
+
+def tile_for_role(
+    tensor: torch.Tensor,
+    role: Role,
+    scale: int,
+    *,
+    divide: bool = True,
+    noise_std: float = 0.0,
+    noise: str = "zero_sum",
+    seed: int = 0,
+) -> torch.Tensor:
+    """Grow one tensor of ``role`` by ``scale`` through the fused ``hyperclone`` kernel."""
+    rule = ROLE_RULES[role]
+    if tensor.dim() != len(rule.dims):
+        raise ValueError(
+            f"a {role.value} tensor has dims {rule.dims}, but this one has shape {tuple(tensor.shape)}"
+        )
+    reps = rule.repeats(scale)
+    divide = divide and rule.input_dim is not None
+    if not rule.noise or not divide:
+        noise_std = 0.0  # only linear maps with a tiled input get (zero-sum) noise
+    if tensor.dim() == 1:
+        return hyperclone(tensor, reps[0], 1)
+    if tensor.dim() == 3 and reps[0] != 1:  # pragma: no cover - excluded by the table check
+        raise ValueError(f"{role.value}: a 3-D tensor's leading dim must not widen")
+    return hyperclone(tensor, reps[-2], reps[-1], noise_std=noise_std, noise=noise, seed=seed, divide=divide)
+
+
+def hyperclone_weight(
+    weight: torch.Tensor,
+    scale_factor: int,
+    role: Role | str = Role.Q,
+    *,
+    noise_std: float = 0.0,
+    noise: str = "zero_sum",
+    seed: int = 0,
+) -> torch.Tensor:
+    """What width growth does to one weight of a given role.
+
+    Args:
+        weight: the source tensor, laid out as the role says (nn.Linear [out, in]).
+        scale_factor: whole number >= 2.
+        role: a :class:`Role` or its name (``"q_proj"``, ``"lm_head"``, ``"router"``...).
+        noise_std, noise, seed: symmetry-breaking noise (linear maps with a tiled input).
+
+    Example:
+        ``hyperclone_weight(W, 2, "q_proj")`` for W [H*hd, d] gives [2*H*hd, 2*d] of blocks W/2.
+    """
+    scale = check_scale(scale_factor)
+    noise_std = check_noise(noise_std, noise)
+    try:
+        role = Role(role)
+    except ValueError:
+        raise ValueError(f"role must be one of {[r.value for r in Role]}, got {role!r}") from None
+    return tile_for_role(weight, role, scale, noise_std=noise_std, noise=noise, seed=seed)
+
+
+@torch.no_grad()
+def grow_width(
+    model: nn.Module,
+    scale_factor: int,
+    *,
+    noise_std: float = 1e-5,
+    noise: str = "zero_sum",
+    seed: int = 0,
+) -> nn.Module:
+    """HyperClone ``model`` to ``scale_factor`` times its width.
+
+    d_model, n_heads, n_kv_heads and d_ff are multiplied; head_dim, vocab and the expert
+    count stay. Tied embeddings stay tied: the embedding is tiled (not divided) and the
+    1/s the output side needs goes into ``config.logit_scale`` (saved with the config).
+
+    Args:
+        model: the source model (left untouched; nothing is shared with it).
+        scale_factor: whole number >= 2.
+        noise_std: std of the zero-sum symmetry-breaking noise on linear maps with a tiled
+            input (0 = exact clones, which then never diverge in training).
+        noise: ``"zero_sum"`` (function-preserving) or ``"independent"``.
+        seed: noise seed (each parameter derives its own stream from it).
+
+    Returns:
+        The grown model, on the source's device and dtype, in its train/eval mode, with
+        ``growth_records`` describing where each parameter came from.
+    """
+    scale = check_scale(scale_factor)
+    noise_std = check_noise(noise_std, noise)
+    adapter = get_adapter(model, "width growth")
+    roles = adapter.param_roles(model)
+    new_config = adapter.widen_config(model, scale)
+
+    state, sources = {}, {}
+    for name, tensor in model.state_dict().items():
+        role = roles[name].role
+        state[name] = tile_for_role(
+            tensor, role, scale, noise_std=noise_std, noise=noise, seed=derive_seed(seed, name)
+        )
+        sources[name] = Source("widen", role, name, scale=scale)
+    grown = adapter.build(new_config, state)
+    grown.train(model.training)
+    attach_records(grown, [GrowthRecord(
+        "width",
+        dict(scale_factor=scale, noise_std=noise_std, noise=noise, seed=seed),
+        sources,
+        function_preserving=noise == "zero_sum",
+    )])
+    return grown
