@@ -34,7 +34,7 @@ import math
 import torch
 
 from .backend import HAS_TRITON, use_triton
-from .noise import noise_divisor, seed_keys, uniform_int_torch
+from .noise import noise_divisor, seed_keys, uniform_int_range_torch
 
 NOISE_MODES = ("zero_sum", "independent")
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -148,23 +148,25 @@ def naive_hyperclone(
     noise_div_t = torch.tensor(noise_div, dtype=torch.float32, device=weight.device)
     row_len = in_repeat * I  # elements in one output row
     if rows_per_chunk is None:
-        rows_per_chunk = max(1, (1 << 21) // max(1, out_repeat * row_len))
-    a = torch.arange(out_repeat, device=weight.device, dtype=torch.int64).view(-1, 1, 1, 1)
-    b = torch.arange(in_repeat, device=weight.device, dtype=torch.int64).view(1, 1, -1, 1)
-    j = torch.arange(I, device=weight.device, dtype=torch.int64).view(1, 1, 1, -1)
+        # NOTE: ~32K elements a chunk keeps the hash temporaries in cache; measured much
+        # faster than whole-tensor int64 passes, which are memory-bound.
+        rows_per_chunk = max(1, (1 << 15) // max(1, row_len))
     for e in range(E):
         for r0 in range(0, O, rows_per_chunk):
             r1 = min(O, r0 + rows_per_chunk)
-            i = torch.arange(r0, r1, device=weight.device, dtype=torch.int64).view(1, -1, 1, 1)
-            g = e * (out_repeat * O * row_len) + (a * O + i) * row_len + b * I + j
-            c = uniform_int_torch(g, k0, k1)  # [r_o, rows, r_i, I]
-            if zero_sum:
-                c = in_repeat * c - c.sum(dim=2, keepdim=True)
-            n = c.to(torch.float32) / noise_div_t
             w = w3[e, r0:r1].to(torch.float32)
             if divisor != 1:
                 w = w / divisor
-            out5[e, :, r0:r1] = (w.view(1, r1 - r0, 1, I) + n).to(weight.dtype)
+            w = w.view(r1 - r0, 1, I)
+            for a in range(out_repeat):
+                # rows r0..r1 of row block a are one contiguous range of global indices
+                start = e * (out_repeat * O * row_len) + (a * O + r0) * row_len
+                c = uniform_int_range_torch(start, (r1 - r0) * row_len, k0, k1, weight.device)
+                c = c.view(r1 - r0, in_repeat, I)
+                if zero_sum:
+                    total = c.sum(dim=1, keepdim=True, dtype=torch.int32)
+                    c = c.mul_(in_repeat).sub_(total)
+                out5[e, a, r0:r1] = (w + c.to(torch.float32) / noise_div_t).to(weight.dtype)
     return out.view(_out_shape(weight, out_repeat, in_repeat))
 
 

@@ -73,6 +73,51 @@ def uniform_int_torch(g: torch.Tensor, k0: int, k1: int) -> torch.Tensor:
     return 2 * (h >> 8) - HALF_RANGE
 
 
+def _signed32(v: int) -> int:
+    """A uint32 value as the int32 with the same bits."""
+    v &= MASK32
+    return v - (1 << 32) if v >= (1 << 31) else v
+
+
+def _mix32_inplace(x: torch.Tensor, tmp: torch.Tensor) -> None:
+    """lowbias32 on int32 tensors holding uint32 bits, in place.
+
+    int32 multiplication wraps like uint32; an arithmetic shift followed by a mask is a
+    logical shift.
+    """
+    torch.bitwise_right_shift(x, 16, out=tmp)
+    x.bitwise_xor_(tmp.bitwise_and_(0xFFFF))
+    x.mul_(_signed32(_MIX_A))
+    torch.bitwise_right_shift(x, 15, out=tmp)
+    x.bitwise_xor_(tmp.bitwise_and_(0x1FFFF))
+    x.mul_(_signed32(_MIX_B))
+    torch.bitwise_right_shift(x, 16, out=tmp)
+    x.bitwise_xor_(tmp.bitwise_and_(0xFFFF))
+
+
+def uniform_int_range_torch(start: int, n: int, k0: int, k1: int, device=None) -> torch.Tensor:
+    """``uniform_int_torch(arange(start, start + n))`` as int32, fast.
+
+    NOTE: int32 arithmetic in place, meant for cache-sized chunks: measured about 20x
+    faster on the CPU than the int64 version over whole tensors. A range that crosses a
+    multiple of 2**32 is split there (the high word changes).
+    """
+    boundary = ((start >> 32) + 1) << 32
+    if start + n > boundary:
+        head = boundary - start
+        return torch.cat([uniform_int_range_torch(start, head, k0, k1, device),
+                          uniform_int_range_torch(boundary, n - head, k0, k1, device)])
+    x = torch.arange(n, dtype=torch.int32, device=device)
+    x.add_(_signed32(start))  # wraps: only the low word matters
+    tmp = torch.empty_like(x)
+    x.bitwise_xor_(_signed32(k0))
+    _mix32_inplace(x, tmp)
+    x.bitwise_xor_(_signed32((start >> 32) ^ k1))
+    _mix32_inplace(x, tmp)
+    torch.bitwise_right_shift(x, 8, out=tmp)
+    return tmp.bitwise_and_(0xFFFFFF).mul_(2).sub_(HALF_RANGE)
+
+
 def noise_divisor(noise_std: float, in_repeat: int, zero_sum: bool) -> float:
     """The float32 number the integer draw is divided by to give noise of std ``noise_std``.
 

@@ -1,0 +1,135 @@
+"""How fast is width growth? grow_width vs allocating and writing the grown model's bytes.
+
+    python bench/growth_speed.py                 # ~1B-parameter config (d_model 2048, 16 layers), bf16
+    python bench/growth_speed.py --d-model 512 --n-layers 4 --dtype float32   # small
+
+Each measurement runs in a fresh subprocess so its peak resident memory (ru_maxrss) is its
+own. The reference is a loop that allocates every grown tensor and writes it once
+(``torch.empty(shape).copy_(...)`` from a broadcast source), i.e. the memory traffic any
+growth must do at least. Peak memory is compared with source + grown + the largest single
+grown tensor, counted from the process's resident size once the source is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import device_label, print_table, write_results  # noqa: E402
+
+
+def build_source(args):
+    from growkit.models import ModelConfig, Transformer
+
+    cfg = ModelConfig(vocab_size=args.vocab, d_model=args.d_model, n_layers=args.n_layers,
+                      n_heads=args.d_model // 128 if args.d_model >= 1024 else 8, max_seq_len=2048)
+    with torch.device("meta"):
+        meta = Transformer(cfg)
+    dtype = getattr(torch, args.dtype)
+    # Materialize with cheap deterministic values (init speed is not what is measured).
+    state = {k: torch.full(v.shape, 0.01, dtype=dtype) for k, v in meta.state_dict().items()}
+    from growkit.models import model_from_state_dict
+
+    return model_from_state_dict(cfg, state)
+
+
+def child(args) -> dict:
+    # Warm up: the first meta-device model build imports torch internals (seconds).
+    from growkit.growth import grow_width
+
+    tiny = argparse.Namespace(**{**vars(args), "d_model": 64, "n_layers": 1, "vocab": 64})
+    grow_width(build_source(tiny), 2, noise_std=args.noise_std)
+    source = build_source(args)
+    src_bytes = sum(t.numel() * t.element_size() for t in source.state_dict().values())
+    after_source = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if args.what == "baseline":
+        from growkit.growth import get_adapter
+        from growkit.growth.roles import ROLE_RULES
+
+        roles = get_adapter(source).param_roles(source)
+        t0 = time.perf_counter()
+        grown = {}
+        for name, t in source.state_dict().items():
+            reps = ROLE_RULES[roles[name].role].repeats(args.scale)
+            shape = tuple(n * r for n, r in zip(t.shape, reps))
+            out = torch.empty(shape, dtype=t.dtype)
+            view = out.view(*[x for n, r in zip(t.shape, reps) for x in (r, n)])
+            src = t.view(*[x for n in t.shape for x in (1, n)])
+            view.copy_(src.expand(view.shape))
+            grown[name] = out
+        seconds = time.perf_counter() - t0
+    else:
+        t0 = time.perf_counter()
+        grown_model = grow_width(source, args.scale, noise_std=args.noise_std)
+        seconds = time.perf_counter() - t0
+        grown = grown_model.state_dict()
+    grown_bytes = sum(t.numel() * t.element_size() for t in grown.values())
+    largest = max(t.numel() * t.element_size() for t in grown.values())
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return dict(what=args.what, noise_std=args.noise_std, seconds=seconds, source_bytes=src_bytes,
+                grown_bytes=grown_bytes, largest_grown_tensor=largest, peak_rss=peak,
+                rss_after_source=after_source,
+                params_source=sum(t.numel() for t in source.state_dict().values()))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--d-model", type=int, default=2048)
+    p.add_argument("--n-layers", type=int, default=16)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--scale", type=int, default=2)
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--noise-stds", default="0,1e-5", help="comma-separated noise_std values to time")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--what", default="baseline", help=argparse.SUPPRESS)
+    p.add_argument("--noise-std", type=float, default=0.0, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(args)))
+        return
+
+    env = dict(os.environ, GROWKIT_BACKEND="torch")
+    env.pop("TRITON_INTERPRET", None)
+    common = [sys.executable, __file__, "--child", "--d-model", str(args.d_model), "--n-layers", str(args.n_layers),
+              "--vocab", str(args.vocab), "--scale", str(args.scale), "--dtype", args.dtype]
+    runs = [("baseline", 0.0)] + [("grow_width", float(s)) for s in args.noise_stds.split(",")]
+    rows = []
+    for what, noise in runs:
+        out = subprocess.run(common + ["--what", what, "--noise-std", str(noise)], capture_output=True,
+                             text=True, env=env)
+        if out.returncode != 0:
+            raise SystemExit(f"{what} failed:\n{out.stderr}")
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        rows.append(r)
+        print(f"{what:10s} noise_std={noise:g}: {r['seconds']:.2f} s, peak RSS {r['peak_rss'] / 2**30:.2f} GiB")
+    base = rows[0]
+    for r in rows:
+        # the process with the source loaded, plus the grown model, plus one grown tensor
+        allowed = r["rss_after_source"] + r["grown_bytes"] + r["largest_grown_tensor"]
+        r["time_vs_alloc_write"] = r["seconds"] / base["seconds"]
+        r["peak_GiB"] = r["peak_rss"] / 2**30
+        r["allowed_peak_GiB"] = allowed / 2**30
+        r["peak_within_bound"] = r["peak_rss"] <= allowed
+    print()
+    print_table(rows, ["what", "noise_std", "seconds", "time_vs_alloc_write", "peak_GiB",
+                       "allowed_peak_GiB", "peak_within_bound"])
+    print(f"\nsource: {base['params_source'] / 1e9:.2f} B parameters ({args.dtype}), grown x{args.scale} width: "
+          f"{base['grown_bytes'] / 2**30:.2f} GiB")
+    device = torch.device("cpu")
+    meta = dict(device=device_label(device), d_model=args.d_model, n_layers=args.n_layers, vocab=args.vocab,
+                scale=args.scale, dtype=args.dtype)
+    paths = write_results(f"growth_speed_d{args.d_model}_L{args.n_layers}", device, meta, rows)
+    print(f"wrote {paths[0]}")
+
+
+if __name__ == "__main__":
+    main()
