@@ -1,0 +1,164 @@
+"""The growth checks together: one shared forward/backward, one report.
+
+``run_growth_checks`` runs the four checks on one :class:`~growkit.verify.context.Comparison`:
+the old model's forward pass, the new model's forward pass and (when there are clones) one
+backward pass are shared by all of them, so the whole verification costs those passes plus
+a few fused reductions per check. ``detailed_growth_check`` prints the report and returns
+the verdict; ``verify_functional_equivalence`` is the dense -> MoE step's check and prints
+nothing unless ``verbose=True``.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+from .context import DEFAULT_TOLERANCE, Comparison
+from .identity import identity_check
+from .report import GrowthReport
+from .rope import rope_check
+from .router import DEFAULT_COLLAPSE_SHARE, router_check
+from .state import on_device
+from .symmetry import DEFAULT_MIN_DIVERGENCE, has_upcycled_experts, symmetry_from_context
+
+CONFIG_FIELDS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff", "n_experts", "top_k")
+
+
+def _config_line(model: nn.Module) -> str:
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return type(model).__name__
+    return ", ".join(f"{k}={getattr(cfg, k)}" for k in CONFIG_FIELDS if hasattr(cfg, k))
+
+
+def _meta(ctx: Comparison, device: torch.device, seconds: dict) -> dict:
+    records = [r.summary() for r in getattr(ctx.new, "growth_records", None) or []]
+    return {
+        "old model": _config_line(ctx.old),
+        "new model": _config_line(ctx.new),
+        "growth records": records or ["none (layers paired by inference)"],
+        "scale (expected, measured)": f"{ctx.expected_scale if ctx.expected_scale is not None else '-'}, {ctx.scale}",
+        "probe": f"[{ctx.probe.shape[0]}, {ctx.probe.shape[1]}] token ids",
+        "device": str(device),
+        "tolerance": ctx.tolerance,
+        "seconds": seconds,
+    }
+
+
+def run_growth_checks(
+    old_model: nn.Module,
+    new_model: nn.Module,
+    probe: torch.Tensor | None = None,
+    device: torch.device | str | None = None,
+    scale_factor: int | None = 2,
+    tolerance: float = DEFAULT_TOLERANCE,
+    *,
+    min_divergence: float = DEFAULT_MIN_DIVERGENCE,
+    collapse_share: float = DEFAULT_COLLAPSE_SHARE,
+) -> GrowthReport:
+    """Run the four growth checks in sequence and return the structured report.
+
+    Checks: RoPE integrity, router scaling, symmetry breaking, layerwise functional
+    identity (in that order). Nothing is printed.
+
+    Args:
+        old_model: the source model.
+        new_model: the grown model.
+        probe: [B, T] token ids, T >= 2 (default: a seeded random [2, 16] probe).
+        device: where to run (None: the new model's device). Both models are moved there
+            and back to where each was; their parameters, gradients, requires_grad flags,
+            train/eval modes and MoE per-forward attributes are left as they were.
+        scale_factor: the width scale expected (2 by default; 1 for depth-only growth or
+            upcycling; None reads it from the models). A mismatch fails the RoPE check's
+            structure part.
+        tolerance: relative tolerance: ``max|diff| <= tolerance * max|reference|``.
+        min_divergence: twins at or below this relative divergence count as identical.
+        collapse_share: share of routing slots on the top_k busiest experts that counts as collapse.
+
+    Returns:
+        A :class:`GrowthReport` (``.passed``, ``report[name]``, ``str(report)``, ``.to_json()``).
+    """
+    t_start = time.perf_counter()
+    with on_device([old_model, new_model], device) as dev:
+        if probe is not None and isinstance(probe, torch.Tensor):
+            probe = probe.to(dev)
+        ctx = Comparison(old_model, new_model, probe, scale_factor=scale_factor, tolerance=tolerance)
+        seconds: dict[str, float] = {}
+        t = time.perf_counter()
+        ctx.old_run()
+        seconds["old forward"] = time.perf_counter() - t
+        t = time.perf_counter()
+        ctx.new_run(backward=ctx.twin_scale > 1 or has_upcycled_experts(new_model))
+        seconds["new forward+backward"] = time.perf_counter() - t
+        checks = []
+        for fn in (
+            rope_check,
+            lambda c: router_check(c, collapse_share),
+            lambda c: symmetry_from_context(c, min_divergence),
+            identity_check,
+        ):
+            t = time.perf_counter()
+            result = fn(ctx)
+            result.seconds = time.perf_counter() - t
+            checks.append(result)
+        seconds["checks"] = sum(c.seconds for c in checks)
+        seconds["total"] = time.perf_counter() - t_start
+        return GrowthReport("Growth verification", checks, _meta(ctx, dev, seconds))
+
+
+def detailed_growth_check(
+    old_model: nn.Module,
+    new_model: nn.Module,
+    probe: torch.Tensor | None,
+    device: torch.device | str | None,
+    scale_factor: int | None = 2,
+    tolerance: float = DEFAULT_TOLERANCE,
+    **kwargs,
+) -> bool:
+    """Run the four checks on ``device``, print the text report, return True if none failed.
+
+    Same arguments as :func:`run_growth_checks` (``min_divergence``, ``collapse_share`` as
+    keywords). The report ends with one summary line per check (PASSED, FAILED or SKIPPED).
+    """
+    report = run_growth_checks(old_model, new_model, probe, device, scale_factor, tolerance, **kwargs)
+    print(report)
+    return report.passed
+
+
+def verify_functional_equivalence(
+    dense_model: nn.Module,
+    moe_model: nn.Module,
+    probe: torch.Tensor | None = None,
+    device: torch.device | str | None = None,
+    *,
+    tolerance: float = DEFAULT_TOLERANCE,
+    verbose: bool = False,
+) -> GrowthReport:
+    """The dense -> MoE step: layerwise hidden states and logits at scale 1.
+
+    Returns a :class:`GrowthReport` holding the ``functional_identity`` check (``.passed``,
+    ``str(report)``, ``.to_json()``). Prints nothing unless ``verbose=True``.
+
+    Raises:
+        ValueError: if the two models differ in width (use :func:`run_growth_checks`).
+    """
+    t_start = time.perf_counter()
+    with on_device([dense_model, moe_model], device) as dev:
+        if probe is not None and isinstance(probe, torch.Tensor):
+            probe = probe.to(dev)
+        ctx = Comparison(dense_model, moe_model, probe, scale_factor=1, tolerance=tolerance)
+        if ctx.scale != 1:
+            raise ValueError(
+                f"the MoE model is {ctx.scale} x as wide as the dense one: verify_functional_equivalence "
+                "checks the upcycling step alone (scale 1); use run_growth_checks for width growth"
+            )
+        t = time.perf_counter()
+        result = identity_check(ctx)
+        result.seconds = time.perf_counter() - t
+        seconds = {"total": time.perf_counter() - t_start}
+        report = GrowthReport("Dense -> MoE functional equivalence", [result], _meta(ctx, dev, seconds))
+    if verbose:
+        print(report)
+    return report

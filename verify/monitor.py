@@ -1,0 +1,236 @@
+"""GrowthMonitor: watch a grown model in its training loop, at almost no cost.
+
+Every ``every`` steps it measures, without any extra forward or backward pass:
+
+* twin divergence of the cloned weights: the tensors the growth record's scale tiled,
+  stacked by shape across layers and permuted so that the s^k twin blocks of their k widened
+  dims form one dim (``stats.twin_layout``); one ``block_divergence`` launch per shape gives,
+  per twin block g, max and mean |B_g - B_0| and mean |B_g|; the relative divergence is the
+  min over twins of mean|B_g - B_0| / mean|B_g| (aggregated over the layers of the stack;
+  ``check_symmetry_breaking`` gives the per-layer picture);
+* router load of every MoE layer, from the ``last_router_logits`` its latest forward left
+  (normalized entropy of the top-k assignment, busiest expert's token share, share of the
+  routing slots taken by the k busiest experts).
+
+It warns (``warnings.warn`` with :class:`GrowthWarning`, and in the returned record) when
+clones are identical (relative divergence <= ``min_divergence``), when they stop diverging
+(no growth over ``stall_ticks`` ticks while still below ``stall_below``), or when routing
+collapses (the k busiest experts take >= ``collapse_share`` of the routing slots, with
+top_k < n_experts).
+
+Usage::
+
+    monitor = GrowthMonitor(model, every=100)
+    for step, batch in enumerate(loader):
+        loss = model.loss(*batch); loss.backward(); opt.step(); opt.zero_grad()
+        monitor.step(step)          # or monitor(step); None except every 100 steps
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from growkit.growth.adapters import get_adapter
+from growkit.growth.roles import Role
+from growkit.kernels import block_divergence
+
+from .pairing import twin_axes, width_records_scale
+from .probe import hook_modules
+from .report import jsonable
+from .router import DEFAULT_COLLAPSE_SHARE, expert_load
+from .stats import relative, twin_layout
+from .symmetry import DEFAULT_MIN_DIVERGENCE
+
+
+class GrowthWarning(UserWarning):
+    """Clones not diverging, or routing collapsed, in a grown model under training."""
+
+
+@dataclass
+class MonitorRecord:
+    """What one monitoring tick measured.
+
+    Attributes:
+        step: the training step.
+        twins: per stacked group: ``roles``, ``tensors``, ``rel_div`` (min over twin blocks of
+            mean|B_g - B_0| / mean|B_g|), ``max_div``, ``magnitude``.
+        min_twin_divergence: the smallest ``rel_div`` over the groups (None: no clones).
+        router: per MoE layer: ``layer``, ``entropy``, ``busiest_share``, ``busiest_expert``,
+            ``topk_share``.
+        warnings: the warnings raised at this tick.
+        seconds: time the tick took.
+    """
+
+    step: int
+    twins: list[dict] = field(default_factory=list)
+    min_twin_divergence: float | None = None
+    router: list[dict] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return jsonable(self.__dict__)
+
+
+class GrowthMonitor:
+    """Tracks twin divergence and router load of a grown model every ``every`` steps.
+
+    Args:
+        model: the grown model being trained.
+        every: measure every this many steps (steps where ``step % every == 0``).
+        scale_factor: the width scale of the clones (None: product of the model's width
+            growth records; without any, twins are not tracked).
+        min_divergence: relative twin divergence at or below which clones are identical.
+        collapse_share: share of routing slots on the k busiest experts that counts as collapse.
+        stall_ticks: warn when a group's divergence has not grown for this many ticks...
+        stall_below: ...while it is still below this relative divergence.
+        warn: call ``warnings.warn`` (the record always lists the warnings).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        every: int = 100,
+        *,
+        scale_factor: int | None = None,
+        min_divergence: float = DEFAULT_MIN_DIVERGENCE,
+        collapse_share: float = DEFAULT_COLLAPSE_SHARE,
+        stall_ticks: int = 3,
+        stall_below: float = 1e-2,
+        warn: bool = True,
+    ) -> None:
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be a whole number >= 1, got {every!r}")
+        self.model = model
+        self.every = every
+        self.scale = scale_factor if scale_factor is not None else (width_records_scale(model) or 1)
+        self.min_divergence = min_divergence
+        self.collapse_share = collapse_share
+        self.stall_ticks = stall_ticks
+        self.stall_below = stall_below
+        self.warn = warn
+        self.history: list[MonitorRecord] = []
+        self._calls = 0
+        self._stalled: set = set()
+        self._series: dict[str, list[float]] = defaultdict(list)
+
+        roles = get_adapter(model, "monitoring").param_roles(model)
+        params = dict(model.named_parameters())
+        groups: dict[tuple, dict] = {}
+        for name, pr in roles.items():
+            if name not in params or not (pr.rule.noise and pr.rule.input_dim is not None):
+                continue
+            axes = tuple((d, self.scale) for d in twin_axes(pr.role, self.scale))
+            if not axes:
+                continue
+            p = params[name]
+            key = (tuple(p.shape), p.dtype, axes)
+            g = groups.setdefault(key, dict(params=[], roles=set(), axes=axes, dims=pr.rule.dims))
+            g["params"].append(p)
+            g["roles"].add(pr.role.value)
+        self._groups = list(groups.values())
+
+        routers = hook_modules(model, Role.ROUTER)
+        top_k = int(getattr(getattr(model, "config", None), "top_k", 1) or 1)
+        self._moe = []
+        for m in model.modules():
+            if hasattr(m, "last_router_logits"):
+                for layer, r in routers.items():
+                    if any(sub is r for sub in m.modules()):
+                        self._moe.append((layer, m, int(getattr(m, "top_k", top_k))))
+        self._moe.sort(key=lambda t: t[0])
+
+    # ------------------------------------------------------------------ ticks
+    def __call__(self, step: int | None = None) -> MonitorRecord | None:
+        return self.step(step)
+
+    def step(self, step: int | None = None) -> MonitorRecord | None:
+        """Call once per training step (after ``optimizer.step()``); measures every ``every`` steps.
+
+        Args:
+            step: the training step (None: counts calls, starting at 0).
+
+        Returns:
+            A :class:`MonitorRecord` on measuring steps, else None.
+        """
+        if step is None:
+            step = self._calls
+        self._calls += 1
+        if step % self.every != 0:
+            return None
+        return self.measure(step)
+
+    @torch.no_grad()
+    def measure(self, step: int = 0) -> MonitorRecord:
+        """Measure now (whatever the step)."""
+        t0 = time.perf_counter()
+        rec = MonitorRecord(step)
+        for g in self._groups:
+            # Twin blocks of every widened dim become one dim of G blocks (a permuted view;
+            # the stack is the one copy): one block_divergence launch per group.
+            views = [twin_layout(p.detach(), g["axes"]) for p in g["params"]]
+            _, rows, inner = views[0]
+            stack = torch.stack([v for v, _, _ in views])
+            G = self.scale ** len(g["axes"])
+            bd = block_divergence(stack.reshape(-1, G, inner), G, 1)
+            means, mags = bd.mean_diff.tolist(), bd.magnitude.tolist()
+            rel = min(relative(means[i], mags[i]) for i in range(1, G))
+            mx = float(bd.max_diff.max())
+            mag = float(bd.magnitude[0])
+            key = "+".join(sorted(g["roles"])) + f" {list(g['params'][0].shape)}"
+            rec.twins.append(dict(group=key, roles=sorted(g["roles"]), tensors=len(g["params"]),
+                                  rel_div=rel, max_div=mx, magnitude=mag))
+            self._series[key].append(rel)
+            if rel <= self.min_divergence:
+                rec.warnings.append(
+                    f"step {step}: clones identical in {key} (relative twin divergence {rel:.2e} <= "
+                    f"{self.min_divergence:g}): symmetry not broken, grow with noise_std > 0"
+                )
+            elif self._stalling(key):
+                rec.warnings.append(
+                    f"step {step}: clones stopped diverging in {key} (relative twin divergence {rel:.2e}, "
+                    f"not growing for {self.stall_ticks} checks)"
+                )
+        if rec.twins:
+            rec.min_twin_divergence = min(t["rel_div"] for t in rec.twins)
+
+        logits = [(layer, m.last_router_logits, k) for layer, m, k in self._moe if m.last_router_logits is not None]
+        by_shape: dict[tuple, list] = defaultdict(list)
+        for layer, lg, k in logits:
+            by_shape[(tuple(lg.shape), k)].append((layer, lg.detach()))
+        for (shape, k), items in by_shape.items():
+            loads = expert_load([lg for _, lg in items], k)
+            E = shape[-1]
+            for (layer, _), load in zip(items, loads):
+                rec.router.append(dict(layer=layer, entropy=load["entropy"], busiest_share=load["busiest_share"],
+                                       busiest_expert=load["busiest_expert"], topk_share=load["topk_share"]))
+                if k < E and load["topk_share"] >= self.collapse_share:
+                    rec.warnings.append(
+                        f"step {step}: routing collapsed in MoE layer {layer}: its {k} busiest experts take "
+                        f"{load['topk_share']:.0%} of the routing slots (uniform {k / E:.0%}; expert "
+                        f"{load['busiest_expert']} gets {load['busiest_share']:.0%} of the tokens)"
+                    )
+        rec.router.sort(key=lambda r: r["layer"])
+        rec.seconds = time.perf_counter() - t0
+        if self.warn:
+            for w in rec.warnings:
+                warnings.warn(w, GrowthWarning, stacklevel=3)
+        self.history.append(rec)
+        return rec
+
+    def _stalling(self, key: str) -> bool:
+        series = self._series[key]
+        n = self.stall_ticks
+        if key in self._stalled or len(series) <= n or series[-1] >= self.stall_below:
+            return False
+        window = series[-(n + 1):]
+        if all(b <= a * (1 + 1e-3) for a, b in zip(window, window[1:])):
+            self._stalled.add(key)
+            return True
+        return False
