@@ -1,0 +1,186 @@
+"""Training FLOPs accounting and the run's ``metrics.jsonl`` log.
+
+FLOPs (:func:`training_flops_per_token`) follow the usual dense-transformer estimate
+(Kaplan et al. 2020; PaLM, Chowdhery et al. 2022, appendix B)::
+
+    flops/token = 6 * N_active + 12 * n_layers * (n_heads * head_dim) * seq_len
+
+``6 * N_active``: one multiply-add (2 FLOPs) per active weight in the forward pass and
+twice that in the backward pass. ``N_active`` counts every weight a token is multiplied
+by: the attention and MLP projections, the router, the norm gains and the output matrix.
+It leaves out the input embedding table (a lookup, not a matmul; a tied model still
+counts the shared matrix once, as the output projection). In a mixture of experts a
+token runs through ``top_k`` of the ``n_experts`` experts, so only that fraction of the
+expert weights is counted.
+
+``12 * n_layers * (n_heads * head_dim) * seq_len``: the attention scores ``QK^T`` and
+the weighted sum ``AV`` (2 * 2 * T * H * hd FLOPs per token and layer forward, times 3
+for forward + backward). As in PaLM, the full ``T x T`` score matrix is counted, not
+halved for the causal mask. Softmax, norms' elementwise work, RoPE and the loss are not
+counted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+__all__ = [
+    "parameter_counts",
+    "training_flops_per_token",
+    "MetricsLog",
+    "read_metrics",
+    "atomic_write_text",
+]
+
+
+def parameter_counts(model_config) -> dict[str, int]:
+    """Parameter counts of ``growkit.models.Transformer(model_config)``, from the config.
+
+    Returns:
+        ``total`` (every parameter, a tied matrix once), ``embedding`` (the input table),
+        ``experts`` (all expert weights and biases), ``active`` (what one token is
+        multiplied by; see the module docstring).
+    """
+    c = model_config
+    d, f, L, V = c.d_model, c.d_ff, c.n_layers, c.vocab_size
+    q_dim, kv_dim = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+    attn = d * q_dim + 2 * d * kv_dim + q_dim * d
+    if c.attn_bias:
+        attn += q_dim + 2 * kv_dim + d
+    mlp = 3 * d * f + ((2 * f + d) if c.mlp_bias else 0)
+    norms = 2 * d
+    if c.n_experts > 0:
+        experts_per_layer = c.n_experts * mlp
+        router = c.n_experts * d
+        active_mlp = c.top_k * mlp + router
+    else:
+        experts_per_layer, router, active_mlp = 0, 0, mlp
+    per_layer_total = attn + norms + (experts_per_layer + router if c.n_experts else mlp)
+    embedding = V * d
+    head = 0 if c.tie_embeddings else V * d
+    total = embedding + head + L * per_layer_total + d
+    # The output matrix is multiplied by every token, tied or not.
+    active = L * (attn + norms + active_mlp) + d + V * d
+    return {
+        "total": int(total),
+        "embedding": int(embedding),
+        "experts": int(L * experts_per_layer),
+        "active": int(active),
+    }
+
+
+def training_flops_per_token(model_config, seq_len: int) -> float:
+    """Training FLOPs (forward + backward) per token of a ``seq_len``-token sequence.
+
+    ``6 * N_active + 12 * n_layers * n_heads * head_dim * seq_len``; see the module
+    docstring for what is counted. Multiply by ``batch_size * seq_len`` for one step.
+
+    Args:
+        model_config: A :class:`growkit.models.ModelConfig` (dense or MoE).
+        seq_len: Tokens per training sequence.
+    """
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
+        raise ValueError(f"seq_len must be a positive int, got {seq_len!r}")
+    c = model_config
+    n_active = parameter_counts(c)["active"]
+    attention = 12 * c.n_layers * c.n_heads * c.head_dim * seq_len
+    return float(6 * n_active + attention)
+
+
+# ---------------------------------------------------------------------------
+# Files
+# ---------------------------------------------------------------------------
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Writes ``text`` through a temporary file in the same folder and ``os.replace``."""
+    from .checkpoint import atomic_write  # one implementation for every file
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    atomic_write(path, write)
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Records of a ``metrics.jsonl``; a torn last line (a killed writer) is skipped."""
+    out = []
+    p = Path(path)
+    if not p.is_file():
+        return out
+    with open(p, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # only the last line can be torn; nothing valid follows it
+    return out
+
+
+class MetricsLog:
+    """Append-only ``metrics.jsonl``: one JSON object per line, flushed per record.
+
+    It is the one file of a run that is appended to rather than replaced, so a crash can
+    tear its last line; checkpoints store how many records they cover and a resumed
+    run rewrites the file (atomically) to exactly that many before appending again, so
+    the log of a resumed run equals the uninterrupted one's.
+
+    Every record has the same keys (:data:`KEYS`); values that do not apply are null.
+    ``kind`` is ``"train"`` (loss of one step; ``tokens_per_s`` over the last log
+    interval), ``"eval"`` (``val_loss``) or ``"growth"`` (``event`` names the operator,
+    ``val_loss_before`` is the last validation loss before the growth, ``val_loss`` the
+    first after it, ``val_rel_change`` their relative difference). ``flops`` and
+    ``tokens_seen`` are cumulative over the run; ``elapsed_s`` is training wall time.
+    """
+
+    KEYS = ("kind", "phase", "step", "global_step", "loss", "ce_loss", "aux_loss",
+            "val_loss", "lr", "grad_norm", "tokens_per_s", "tokens_seen", "flops",
+            "elapsed_s", "event", "val_loss_before", "val_rel_change")
+
+    def __init__(self, path: str | os.PathLike, keep: int | None = None) -> None:
+        """Opens ``path``; ``keep`` truncates it to its first ``keep`` records (resume)."""
+        self.path = Path(path)
+        self.records: list[dict[str, Any]] = []
+        if keep is not None:
+            old = read_metrics(self.path)
+            if len(old) < keep:
+                raise ValueError(
+                    f"{self.path} holds {len(old)} records but the checkpoint covers {keep}; "
+                    "the run directory is damaged")
+            self.records = old[:keep]
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
+        elif self.path.exists() and self.path.stat().st_size > 0:
+            raise ValueError(f"{self.path} already exists; start a new run directory")
+        self._f = open(self.path, "a", encoding="utf-8")
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def log(self, kind: str, **values: Any) -> dict[str, Any]:
+        unknown = set(values) - set(self.KEYS)
+        if unknown:
+            raise KeyError(f"unknown metric keys {sorted(unknown)}")
+        rec = {k: None for k in self.KEYS}
+        rec.update(values, kind=kind)
+        self.records.append(rec)
+        self._f.write(json.dumps(rec) + "\n")
+        self._f.flush()
+        return rec
+
+    def sync(self) -> None:
+        """Flushes to disk (before a checkpoint records ``len(self)``)."""
+        self._f.flush()
+        os.fsync(self._f.fileno())
+
+    def close(self) -> None:
+        if not self._f.closed:
+            self._f.close()
+
+    def of_kind(self, kind: str) -> Iterable[dict[str, Any]]:
+        return (r for r in self.records if r["kind"] == kind)

@@ -1,0 +1,85 @@
+"""Loss-curve plot of a run (``loss_curve.png``), with the phases and growth points marked.
+
+matplotlib is an optional extra (``pip install growkit[plot]``); without it
+:func:`plot_run` prints a note and returns None.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+__all__ = ["plot_run"]
+
+_PHASE_NAMES = {1: "phase 1: dense", 2: "phase 2: MoE", 3: "phase 3: grown MoE"}
+_PHASE_COLORS = {1: "#e8f0fb", 2: "#fdf1e3", 3: "#eaf6ea"}
+
+
+def plot_run(records: Sequence[dict[str, Any]], path: str | os.PathLike,
+             title: str = "") -> Path | None:
+    """Draws train and validation loss against the global step and saves a PNG.
+
+    Args:
+        records: ``metrics.jsonl`` records (see :class:`growkit.train.metrics.MetricsLog`).
+        path: Where the PNG goes (written atomically).
+        title: Figure title.
+
+    Returns:
+        ``path``, or None when matplotlib is missing or there is nothing to plot.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # no display needed; must precede pyplot
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("note: matplotlib is not installed, so no loss_curve.png was drawn "
+              "(pip install matplotlib)")
+        return None
+    from .checkpoint import atomic_write
+
+    train = [r for r in records if r["kind"] == "train" and r.get("loss") is not None]
+    evals = [r for r in records if r["kind"] == "eval" and r.get("val_loss") is not None]
+    growth = [r for r in records if r["kind"] == "growth"]
+    if not train and not evals:
+        return None
+
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    # Phase spans: from the first to the last global step seen in each phase.
+    spans: dict[int, list[int]] = {}
+    for r in records:
+        if r.get("phase") is not None and r.get("global_step") is not None:
+            lo_hi = spans.setdefault(r["phase"], [r["global_step"], r["global_step"]])
+            lo_hi[0] = min(lo_hi[0], r["global_step"])
+            lo_hi[1] = max(lo_hi[1], r["global_step"])
+    phases = sorted(spans)
+    for i, p in enumerate(phases):
+        lo = spans[p][0]
+        hi = spans[phases[i + 1]][0] if i + 1 < len(phases) else spans[p][1]
+        ax.axvspan(lo, max(hi, lo + 1e-9), color=_PHASE_COLORS.get(p, "#f4f4f4"),
+                   zorder=0, label=_PHASE_NAMES.get(p, f"phase {p}"))
+    if train:
+        ax.plot([r["global_step"] for r in train], [r["loss"] for r in train],
+                color="#4477aa", lw=1.0, alpha=0.8, label="train loss")
+    if evals:
+        ax.plot([r["global_step"] for r in evals], [r["val_loss"] for r in evals],
+                color="#cc3311", marker="o", ms=3, lw=1.2, label="validation loss")
+    for g in growth:
+        ax.axvline(g["global_step"], color="black", ls="--", lw=1)
+        label = g.get("event") or "growth"
+        ax.annotate(label, (g["global_step"], 1.0), xycoords=("data", "axes fraction"),
+                    xytext=(3, -12), textcoords="offset points", fontsize=8, rotation=0)
+    ax.set_xlabel("global step")
+    ax.set_ylabel("loss (nats/token, log scale)")
+    ax.set_yscale("log")  # the untrained loss (ln V) would flatten everything else
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=5, fontsize=8,
+              frameon=False)
+    fig.tight_layout()
+    out = Path(path)
+    atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+    return out

@@ -1,0 +1,570 @@
+"""The three-phase training loop: dense -> upcycled MoE -> wider and deeper MoE.
+
+:class:`Trainer` owns one run directory. Its state machine is resumable at every
+checkpoint, including across the growth transitions::
+
+    phase 1: dense model                      steps_phase1 steps at lr_phase1
+      | upcycle_to_moe + verify_functional_equivalence, val loss before/after
+    phase 2: MoE                              steps_phase2 steps at lr_phase2
+      | scale_bilaterally + run_growth_checks, val loss before/after
+    phase 3: wider, deeper MoE                steps_phase3 steps at lr_phase3
+
+A checkpoint stores the model of the phase it was taken in (after a growth, the grown
+model and its config), so a resumed run rebuilds exactly that model; a checkpoint taken
+at a phase end is followed, on resume, by the same (deterministic, seeded) growth the
+uninterrupted run performed. On the CPU a resumed run reproduces the uninterrupted run's
+losses bit for bit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from growkit.models import ModelConfig, Transformer, causal_lm_loss, load_model, save_model
+
+from .checkpoint import (
+    atomic_write_json,
+    checkpoint_name,
+    latest_checkpoint,
+    load_checkpoint_state,
+    load_optimizer,
+    load_rng,
+    prune_checkpoints,
+    save_checkpoint,
+)
+from .config import TrainConfig
+from .data import TokenDataset, build_tokenizer, load_texts, load_tokenizer, split_stories
+from .metrics import MetricsLog, parameter_counts, training_flops_per_token
+
+__all__ = ["Trainer", "GrowthCheckFailed", "lr_at", "make_optimizer"]
+
+PHASE_LABELS = {1: "dense", 2: "moe", 3: "grown"}
+GROWTH_EVENTS = {2: "upcycle_to_moe", 3: "scale_bilaterally"}
+
+
+class GrowthCheckFailed(RuntimeError):
+    """A growth check failed and ``continue_on_failed_check`` is off.
+
+    Attributes:
+        phase: The phase the growth led into (2 or 3).
+        report_path: The JSON report in the run directory.
+    """
+
+    def __init__(self, message: str, phase: int, report_path: Path | None) -> None:
+        super().__init__(message)
+        self.phase = phase
+        self.report_path = report_path
+
+
+# ---------------------------------------------------------------------------
+# Optimizer and schedule
+# ---------------------------------------------------------------------------
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, lr: float) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices (dim >= 2) and none on norms and biases."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps)
+
+
+def lr_at(cfg: TrainConfig, phase: int, step: int) -> float:
+    """Learning rate of the ``step``-th (0-based) step of ``phase``.
+
+    Linear warmup over ``warmup(phase)`` steps to ``lr_phase<p>``, then constant or a
+    cosine decay to ``min_lr_ratio * lr_phase<p>`` at the phase's last step. Each phase
+    has its own schedule.
+    """
+    peak, warm, total = cfg.lr(phase), cfg.warmup(phase), cfg.steps(phase)
+    if warm > 0 and step < warm:
+        return peak * (step + 1) / warm
+    if cfg.schedule == "constant":
+        return peak
+    span = max(1, total - warm - 1)
+    progress = min(1.0, max(0.0, (step - warm) / span))
+    return peak * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# ---------------------------------------------------------------------------
+# Growth-check results
+# ---------------------------------------------------------------------------
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if torch.is_tensor(obj):
+        return obj.item() if obj.numel() == 1 else obj.tolist()
+    if isinstance(obj, (np.generic,)):
+        return obj.item()
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    if hasattr(obj, "__dict__"):
+        return _jsonable(vars(obj))
+    return repr(obj)
+
+
+def _normalize_check(result: Any) -> tuple[bool, dict[str, Any], str | None, str | None]:
+    """(passed, JSON-able report, full text, short text) from what a check returned.
+
+    The verify functions return a report (``passed``, ``to_json()``, ``render()``,
+    ``summary()``); a bare bool or a dict with ``passed`` is accepted too.
+    """
+    full = short = None
+    if hasattr(result, "passed"):
+        passed = bool(result.passed)
+        if hasattr(result, "to_json"):
+            raw = result.to_json()
+            report = json.loads(raw) if isinstance(raw, str) else _jsonable(raw)
+        else:
+            report = _jsonable(result)
+        for attr, slot in (("render", "full"), ("summary", "short")):
+            fn = getattr(result, attr, None)
+            if callable(fn):
+                try:
+                    text = str(fn())
+                except TypeError:
+                    continue
+                if slot == "full":
+                    full = text
+                else:
+                    short = text
+        if full is None and type(result).__str__ is not object.__str__:
+            full = str(result)
+    elif isinstance(result, (bool, np.bool_)):
+        passed, report = bool(result), {}
+    elif isinstance(result, dict) and "passed" in result:
+        passed, report = bool(result["passed"]), _jsonable(result)
+    else:
+        raise TypeError(f"growth check returned {type(result).__name__}; expected a report "
+                        "with .passed or a bool")
+    if not isinstance(report, dict):
+        report = {"report": report}
+    report.setdefault("passed", passed)
+    return passed, report, full, short
+
+
+def _rehome_(params) -> None:
+    """Moves each tensor into memory of its own from the allocator.
+
+    Tensors loaded from a safetensors file share one buffer at offsets that are not
+    64-byte aligned; CPU kernels then take other vectorization paths than on freshly
+    allocated tensors and round differently in the last bit, so a resumed run would drift
+    from the uninterrupted one by ~1e-9 per step. A copy restores the alignment.
+    """
+    with torch.no_grad():
+        for p in params:
+            p.data = p.data.clone()
+
+
+# ---------------------------------------------------------------------------
+# Trainer
+# ---------------------------------------------------------------------------
+
+class Trainer:
+    """Runs (or resumes) one three-phase run in ``run_dir``.
+
+    Build it with :meth:`prepare` (which loads the data and checks everything before any
+    file is written), then call :meth:`run`.
+    """
+
+    def __init__(self, cfg: TrainConfig, run_dir: Path, dataset: TokenDataset, tokenizer,
+                 data_description: str, resume: bool) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.ds = dataset
+        self.tokenizer = tokenizer
+        self.data_description = data_description
+        self.resume = resume
+        self.device = torch.device(cfg.resolved_device())
+        self.autocast_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else None
+        self.batch_gen = torch.Generator(device="cpu")
+        self.batch_gen.manual_seed(cfg.seed)
+        self.model: Transformer | None = None
+        self.optimizer: torch.optim.AdamW | None = None
+        self.metrics: MetricsLog | None = None
+        self.state: dict[str, Any] = {}
+        self._val_cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._t0 = time.perf_counter()
+        self._elapsed_before = 0.0
+
+    # ------------------------------------------------------------------ setup
+
+    @staticmethod
+    def load_data(cfg: TrainConfig, run_dir: Path | None = None):
+        """(dataset, tokenizer, description); a resumed run reuses its tokenizer.json."""
+        texts, desc = load_texts(cfg.data, n_default_stories=cfg.n_stories, seed=cfg.seed,
+                                 max_stories=cfg.max_stories)
+        tok = None
+        if run_dir is not None and (Path(run_dir) / "tokenizer.json").is_file():
+            tok = load_tokenizer(run_dir)
+        elif cfg.tokenizer == "bpe":
+            train_texts, _ = split_stories(texts, cfg.val_fraction, cfg.seed)
+            tok = build_tokenizer("bpe", train_texts, cfg.bpe_vocab_size,
+                                  cache_dir=Path(cfg.out_dir) / ".tokenizer-cache")
+        else:
+            tok = build_tokenizer("byte")
+        ds = TokenDataset.from_texts(texts, tok, val_fraction=cfg.val_fraction, seed=cfg.seed)
+        if ds.n_val_tokens < cfg.seq_len + 1:
+            raise ValueError(
+                f"TrainConfig.val_fraction={cfg.val_fraction}: the validation split has "
+                f"{ds.n_val_tokens} tokens, fewer than seq_len + 1 = {cfg.seq_len + 1}; "
+                "raise val_fraction, load more stories or lower seq_len")
+        if ds.n_train_tokens < cfg.seq_len + 1:
+            raise ValueError(
+                f"TrainConfig.seq_len={cfg.seq_len} exceeds the training split "
+                f"({ds.n_train_tokens} tokens); load more stories or lower seq_len")
+        return ds, tok, desc
+
+    def data_fingerprint(self) -> dict[str, Any]:
+        h = hashlib.sha256()
+        for split in ("train", "val"):
+            h.update(self.ds.tokens(split).numpy().tobytes())
+        return {"sha256": h.hexdigest(), "train_tokens": self.ds.n_train_tokens,
+                "val_tokens": self.ds.n_val_tokens, "vocab_size": self.tokenizer.vocab_size}
+
+    def _say(self, msg: str) -> None:
+        tqdm.write(msg)
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    def _elapsed(self) -> float:
+        return self._elapsed_before + (time.perf_counter() - self._t0)
+
+    # ------------------------------------------------------------------ start / resume
+
+    def start(self) -> None:
+        """Builds the phase-1 model, or restores the latest checkpoint when resuming."""
+        cfg = self.cfg
+        if cfg.threads > 0:
+            torch.set_num_threads(cfg.threads)
+        ckpt = latest_checkpoint(self.run_dir) if self.resume else None
+        if ckpt is None:
+            if self.resume:
+                self._say(f"resume: {self.run_dir} has no checkpoint yet; starting from step 0")
+            mcfg = cfg.model_config(self.tokenizer.vocab_size)
+            model = Transformer(mcfg)
+            model.init_weights(seed=cfg.seed)
+            self.model = model.to(self.device)
+            self.optimizer = make_optimizer(self.model, cfg, cfg.lr(1))
+            self.state = {
+                "phase": 1, "phase_step": 0, "phase_done": False, "global_step": 0,
+                "tokens_seen": 0, "flops": 0.0, "elapsed_s": 0.0,
+                "last_val_loss": None, "last_val_global_step": None,
+                "final_val_loss": {}, "checks": {}, "growth": {},
+                "phase_models": {"1": self.model.config.to_dict()},
+                "data": self.data_fingerprint(),
+            }
+            self.metrics = MetricsLog(self.run_dir / "metrics.jsonl",
+                                      keep=0 if self.resume else None)
+            self._evaluate_and_log()  # the untrained model's validation loss
+            return
+        state = load_checkpoint_state(ckpt)
+        fp = self.data_fingerprint()
+        if state.get("data") != fp:
+            raise ValueError(
+                f"TrainConfig.data={cfg.data!r}: the data no longer matches the run being "
+                f"resumed (stored {state.get('data')}, now {fp}); resume with the same data")
+        self.model = load_model(ckpt, device=self.device)
+        _rehome_(self.model.parameters())
+        self.optimizer = make_optimizer(self.model, cfg, cfg.lr(state["phase"]))
+        load_optimizer(self.optimizer, self.model, ckpt)
+        for st in self.optimizer.state.values():
+            for k, v in st.items():
+                if torch.is_tensor(v):
+                    st[k] = v.clone()
+        load_rng(ckpt, self.batch_gen)
+        self.state = state
+        self._elapsed_before = float(state["elapsed_s"])
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", keep=state["metrics_records"])
+        self._say(f"resume: {ckpt.name} (phase {state['phase']}, step {state['phase_step']}, "
+                  f"global step {state['global_step']})")
+
+    # ------------------------------------------------------------------ evaluation
+
+    def _val_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        if self._val_cache is None:
+            self._val_cache = list(self.ds.val_batches(
+                self.cfg.batch_size, self.cfg.seq_len, max_batches=self.cfg.eval_batches,
+                device=self.device))
+        return self._val_cache
+
+    @torch.no_grad()
+    def evaluate(self, model: torch.nn.Module | None = None) -> float:
+        """Mean next-token cross entropy (no MoE aux loss) over the fixed val windows."""
+        model = self.model if model is None else model
+        was_training = model.training
+        model.eval()
+        total, count = 0.0, 0
+        for x, y in self._val_batches():
+            with self._autocast():
+                loss = causal_lm_loss(model(x), y)
+            total += float(loss) * y.numel()
+            count += y.numel()
+        model.train(was_training)
+        return total / count
+
+    def _evaluate_and_log(self) -> float:
+        s = self.state
+        val = self.evaluate()
+        s["last_val_loss"], s["last_val_global_step"] = val, s["global_step"]
+        self.metrics.log("eval", phase=s["phase"], step=s["phase_step"],
+                         global_step=s["global_step"], val_loss=val,
+                         tokens_seen=s["tokens_seen"], flops=s["flops"],
+                         elapsed_s=self._elapsed())
+        return val
+
+    def probe(self) -> torch.Tensor:
+        """The fixed [probe_batch_size, seq_len] batch of validation tokens the checks use."""
+        x, _ = next(iter(self.ds.val_batches(self.cfg.probe_batch_size, self.cfg.seq_len,
+                                             max_batches=1, device=self.device)))
+        return x
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def checkpoint(self, phase_end: bool) -> Path:
+        s = self.state
+        self.metrics.sync()
+        s["metrics_records"] = len(self.metrics)
+        s["elapsed_s"] = self._elapsed()
+        s["model_config"] = self.model.config.to_dict()
+        s["train_config"] = self.cfg.to_dict()
+        name = checkpoint_name(s["global_step"], s["phase"] if phase_end else None)
+        path = save_checkpoint(self.run_dir, name, self.model, self.optimizer, self.batch_gen, s)
+        prune_checkpoints(self.run_dir, self.cfg.keep_checkpoints)
+        return path
+
+    # ------------------------------------------------------------------ training
+
+    def _train_step(self, x: torch.Tensor, y: torch.Tensor, lr: float):
+        model, opt = self.model, self.optimizer
+        for g in opt.param_groups:
+            g["lr"] = lr
+        with self._autocast():
+            logits = model(x)
+            ce = causal_lm_loss(logits, y)
+            aux = None
+            loss = ce
+            mc = model.config
+            if mc.n_experts > 0 and mc.aux_loss_coef != 0.0:
+                aux = model.aux_loss()
+                loss = ce + mc.aux_loss_coef * aux
+        loss.backward()
+        grad_norm = None
+        if self.cfg.grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), self.cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach(), ce.detach(), None if aux is None else aux.detach(), grad_norm
+
+    def train_phase(self, phase: int) -> None:
+        cfg, s = self.cfg, self.state
+        total = cfg.steps(phase)
+        B, T = cfg.batch_size, cfg.seq_len
+        flops_per_step = training_flops_per_token(self.model.config, T) * B * T
+        bar = tqdm(total=total, initial=s["phase_step"], disable=not cfg.progress,
+                   desc=f"phase {phase} ({PHASE_LABELS[phase]})", dynamic_ncols=True,
+                   unit="step", leave=True)
+        interval_tokens, interval_time = 0, 0.0
+        try:
+            while s["phase_step"] < total:
+                step = s["phase_step"]
+                lr = lr_at(cfg, phase, step)
+                t = time.perf_counter()
+                x, y = self.ds.get_batch("train", B, T, self.batch_gen, device=self.device)
+                loss, ce, aux, gnorm = self._train_step(x, y, lr)
+                s["phase_step"] += 1
+                s["global_step"] += 1
+                s["tokens_seen"] += B * T
+                s["flops"] += flops_per_step
+                interval_tokens += B * T
+                last = s["phase_step"] == total
+                if s["phase_step"] % cfg.log_interval == 0 or last:
+                    loss_v = float(loss)  # syncs the device, so the timing below is real
+                    interval_time += time.perf_counter() - t
+                    tps = interval_tokens / max(interval_time, 1e-9)
+                    self.metrics.log(
+                        "train", phase=phase, step=s["phase_step"], global_step=s["global_step"],
+                        loss=loss_v, ce_loss=float(ce), aux_loss=None if aux is None else float(aux),
+                        lr=lr, grad_norm=None if gnorm is None else float(gnorm),
+                        tokens_per_s=tps, tokens_seen=s["tokens_seen"], flops=s["flops"],
+                        elapsed_s=self._elapsed())
+                    if not math.isfinite(loss_v):
+                        raise FloatingPointError(
+                            f"phase {phase} step {s['phase_step']}: loss is {loss_v}; lower "
+                            f"lr_phase{phase} or raise warmup_frac_phase{phase}")
+                    bar.set_postfix(loss=f"{loss_v:.3f}", val=f"{s['last_val_loss']:.3f}",
+                                    lr=f"{lr:.1e}", tok_s=f"{tps:,.0f}", refresh=False)
+                    interval_tokens, interval_time = 0, 0.0
+                else:
+                    interval_time += time.perf_counter() - t
+                bar.update(1)
+                if s["phase_step"] % cfg.eval_interval == 0 or last:
+                    self._evaluate_and_log()
+                    bar.set_postfix(loss=f"{float(loss):.3f}", val=f"{s['last_val_loss']:.3f}",
+                                    lr=f"{lr:.1e}", refresh=True)
+                if last:
+                    break
+                if cfg.checkpoint_every and s["global_step"] % cfg.checkpoint_every == 0:
+                    self.checkpoint(phase_end=False)
+        finally:
+            bar.close()
+        if s["last_val_global_step"] != s["global_step"]:
+            self._evaluate_and_log()  # a phase with 0 steps, or a resume at its end
+        s["phase_done"] = True
+        s["final_val_loss"][str(phase)] = s["last_val_loss"]
+        path = self.checkpoint(phase_end=True)
+        self._say(f"phase {phase} done: val loss {s['last_val_loss']:.4f} after "
+                  f"{total} steps; checkpoint {path.relative_to(self.run_dir)}")
+
+    # ------------------------------------------------------------------ growth
+
+    def _run_check(self, phase: int, old: torch.nn.Module, new: torch.nn.Module,
+                   probe: torch.Tensor) -> tuple[bool, dict[str, Any], str | None, str | None]:
+        import growkit.verify as verify
+
+        if phase == 2:
+            result = verify.verify_functional_equivalence(
+                old, new, probe, self.device, tolerance=self.cfg.check_tolerance)
+        else:
+            result = verify.run_growth_checks(old, new, probe, self.device,
+                                              scale_factor=self.cfg.scale_factor,
+                                              tolerance=self.cfg.check_tolerance)
+        return _normalize_check(result)
+
+    def _grow(self, phase: int, old: torch.nn.Module) -> torch.nn.Module:
+        import growkit.growth as growth
+
+        cfg = self.cfg
+        if phase == 2:
+            return growth.upcycle_to_moe(old, cfg.n_experts, cfg.top_k, seed=cfg.seed)
+        return growth.scale_bilaterally(old, cfg.scale_factor, cfg.extra_layers, cfg.noise_std,
+                                        depth_mode=cfg.depth_mode, seed=cfg.seed)
+
+    def grow_into(self, phase: int) -> None:
+        """Grows the current model into phase ``phase``'s model, checks it, swaps it in."""
+        import growkit.growth as growth
+
+        cfg, s = self.cfg, self.state
+        event = GROWTH_EVENTS[phase]
+        old_model, old_opt = self.model, self.optimizer
+        if s["last_val_global_step"] != s["global_step"]:
+            self._evaluate_and_log()
+        val_before = s["last_val_loss"]
+
+        self._say(f"growth into phase {phase}: {event} ...")
+        t = time.perf_counter()
+        new_model = self._grow(phase, old_model).to(self.device)
+        new_model.train()
+        t_grow = time.perf_counter() - t
+        old_model.eval()
+        t = time.perf_counter()
+        passed, report, full_text, short_text = self._run_check(
+            phase, old_model, new_model, self.probe())
+        t_check = time.perf_counter() - t
+        old_model.train()
+
+        val_after = self.evaluate(new_model)
+        rel = abs(val_after - val_before) / max(abs(val_before), 1e-12)
+        val_ok = rel <= cfg.val_tolerance
+        report_name = f"verify_phase{phase}_{event}.json"
+        report = {
+            "phase": phase, "event": event, "global_step": s["global_step"],
+            "check": report, "check_passed": passed,
+            "val_loss_before": val_before, "val_loss_after": val_after,
+            "val_rel_change": rel, "val_tolerance": cfg.val_tolerance, "val_ok": val_ok,
+            "passed": bool(passed and val_ok),
+            "old_model_config": old_model.config.to_dict(),
+            "new_model_config": new_model.config.to_dict(),
+            "grow_s": t_grow, "check_s": t_check,
+        }
+        atomic_write_json(self.run_dir / report_name, report)
+        # The text report, as detailed_growth_check prints it (the JSON file has the same).
+        text = full_text or short_text
+        if text:
+            self._say(text)
+        self._say(
+            f"  check {'PASSED' if passed else 'FAILED'}; val loss {val_before:.4f} -> "
+            f"{val_after:.4f} ({100 * rel:.3f}% change, limit {100 * cfg.val_tolerance:g}%) "
+            f"{'ok' if val_ok else 'TOO LARGE'}; report {report_name} "
+            f"(grow {t_grow:.1f}s, check {t_check:.1f}s)")
+        s["checks"][f"phase{phase}"] = {
+            "event": event, "passed": report["passed"], "check_passed": passed,
+            "val_ok": val_ok, "report": report_name}
+        s["growth"][f"phase{phase}"] = {
+            "event": event, "global_step": s["global_step"], "val_loss_before": val_before,
+            "val_loss_after": val_after, "val_rel_change": rel}
+        self.metrics.log("growth", phase=phase, step=0, global_step=s["global_step"],
+                         event=event, val_loss=val_after, val_loss_before=val_before,
+                         val_rel_change=rel, tokens_seen=s["tokens_seen"], flops=s["flops"],
+                         elapsed_s=self._elapsed())
+        if not report["passed"]:
+            why = "the growth check failed" if not passed else \
+                f"the validation loss moved {100 * rel:.2f}% (> {100 * cfg.val_tolerance:g}%)"
+            if not cfg.continue_on_failed_check:
+                raise GrowthCheckFailed(
+                    f"phase {phase} growth ({event}): {why}; report: "
+                    f"{self.run_dir / report_name}. Rerun with --continue-on-failed-check to "
+                    "train on anyway.", phase, self.run_dir / report_name)
+            self._say(f"  WARNING: {why}; continuing (--continue-on-failed-check)")
+
+        new_opt = make_optimizer(new_model, cfg, cfg.lr(phase))
+        if not cfg.reset_optimizer:
+            n = growth.transfer_adam_state(old_model, new_model, old_opt, new_opt)
+            self._say(f"  Adam state carried over for {n} of "
+                      f"{sum(1 for _ in new_model.parameters())} parameters")
+        self.model, self.optimizer = new_model, new_opt
+        s.update(phase=phase, phase_step=0, phase_done=False)
+        s["phase_models"][str(phase)] = new_model.config.to_dict()
+        s["last_val_loss"], s["last_val_global_step"] = val_after, s["global_step"]
+        self.metrics.log("eval", phase=phase, step=0, global_step=s["global_step"],
+                         val_loss=val_after, tokens_seen=s["tokens_seen"], flops=s["flops"],
+                         elapsed_s=self._elapsed())
+        counts = parameter_counts(new_model.config)
+        self._say(f"  phase {phase} model: {counts['total']:,} parameters "
+                  f"({counts['active']:,} active per token), d_model "
+                  f"{new_model.config.d_model}, {new_model.config.n_layers} layers, "
+                  f"{new_model.config.n_experts} experts (top {new_model.config.top_k})")
+
+    # ------------------------------------------------------------------ run
+
+    def run(self) -> dict[str, Any]:
+        """Trains through the remaining phases; returns the state at the end."""
+        s = self.state
+        for phase in (1, 2, 3):
+            if phase < s["phase"] or (phase == s["phase"] and s["phase_done"]):
+                continue
+            if phase > s["phase"]:
+                self.grow_into(phase)
+            self.train_phase(phase)
+        s["elapsed_s"] = self._elapsed()
+        return s
+
+    def save_final(self) -> Path:
+        """The final model and tokenizer in ``<run_dir>/final`` (load with load_model)."""
+        out = self.run_dir / "final"
+        save_model(self.model, out)
+        self.tokenizer.save(out)
+        return out
+
+    def model_summary(self, mcfg: ModelConfig) -> dict[str, Any]:
+        counts = parameter_counts(mcfg)
+        return {**counts, "flops_per_token": training_flops_per_token(mcfg, self.cfg.seq_len),
+                "d_model": mcfg.d_model, "n_layers": mcfg.n_layers,
+                "n_experts": mcfg.n_experts, "top_k": mcfg.top_k}
+

@@ -1,0 +1,15 @@
+#!/usr/bin/env python
+"""Three-phase TinyStories training: dense -> upcycled MoE -> wider and deeper MoE.
+
+    python train_tinystories.py --preset tiny        # < 5 min on a 2-core CPU
+    python train_tinystories.py --help               # every setting
+
+Same as ``growkit train``; the pipeline lives in ``growkit.train.pipeline``.
+"""
+
+import sys
+
+from growkit.train.pipeline import main
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:], prog="train_tinystories.py"))
