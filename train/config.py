@@ -31,7 +31,7 @@ import os
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 __all__ = [
     "TrainConfig",
