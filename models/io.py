@@ -25,6 +25,12 @@ WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write(path: str, write: Callable[[str], None]) -> None:
     """Calls ``write(tmp_path)`` then renames ``tmp_path`` to ``path``.
 
@@ -36,6 +42,9 @@ def _atomic_write(path: str, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        # mkstemp creates the file 0600 (and a writer may recreate it): give the result
+        # the permissions a plain open() would.
+        os.chmod(tmp, 0o666 & ~_umask())
         # Flush to disk before the rename so a power loss cannot leave an empty file
         # under the final name.
         with open(tmp, "rb") as f:
