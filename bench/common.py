@@ -9,21 +9,17 @@ import os
 import platform
 import re
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from growkit.models.io import atomic_write_text  # noqa: F401  (re-exported for the benchmarks)
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 def device_label(device: torch.device) -> str:
     if device.type == "cuda":
@@ -56,21 +52,6 @@ def time_fn(fn: Callable[[], object], device: torch.device, *, warmup: int = 2, 
             fn()
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a file by temporary file and rename, so a reader never sees half of it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def write_results(name: str, device: torch.device, meta: dict, rows: list[dict]) -> tuple[Path, Path]:

@@ -19,25 +19,29 @@ from safetensors.torch import load_file, save_file
 from .config import ModelConfig
 from .transformer import Transformer
 
-__all__ = ["save_model", "load_model", "model_from_state_dict", "WEIGHTS_NAME", "CONFIG_NAME"]
+__all__ = ["save_model", "load_model", "model_from_state_dict", "atomic_write", "atomic_write_text", "WEIGHTS_NAME", "CONFIG_NAME"]
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 
 
 def _umask() -> int:
-    mask = os.umask(0)
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
 
 
-def _atomic_write(path: str, write: Callable[[str], None]) -> None:
-    """Calls ``write(tmp_path)`` then renames ``tmp_path`` to ``path``.
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Calls ``write(tmp)`` for a temporary file beside ``path``, then renames it to ``path``.
 
-    The temporary file lives in the destination directory because ``os.replace`` is
-    only atomic within one filesystem.
+    The one atomic writer of the project (checkpoints, reports, tokenizers, benchmark
+    results). The temporary file is in the destination folder because ``os.replace`` is
+    atomic only within one filesystem; it is fsynced before the rename so a power loss
+    cannot leave an empty file under the final name.
     """
+    path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
     os.close(fd)
     try:
@@ -45,8 +49,6 @@ def _atomic_write(path: str, write: Callable[[str], None]) -> None:
         # mkstemp creates the file 0600 (and a writer may recreate it): give the result
         # the permissions a plain open() would.
         os.chmod(tmp, 0o666 & ~_umask())
-        # Flush to disk before the rename so a power loss cannot leave an empty file
-        # under the final name.
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -56,6 +58,16 @@ def _atomic_write(path: str, write: Callable[[str], None]) -> None:
         except FileNotFoundError:
             pass
         raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """:func:`atomic_write` of a UTF-8 text."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    atomic_write(path, write)
 
 
 def save_model(model: Transformer, directory: str | os.PathLike) -> None:
@@ -84,8 +96,8 @@ def save_model(model: Transformer, directory: str | os.PathLike) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(model.config.to_json_str())
 
-    _atomic_write(os.path.join(directory, WEIGHTS_NAME), write_weights)
-    _atomic_write(os.path.join(directory, CONFIG_NAME), write_config)
+    atomic_write(os.path.join(directory, WEIGHTS_NAME), write_weights)
+    atomic_write(os.path.join(directory, CONFIG_NAME), write_config)
 
 
 def load_model(

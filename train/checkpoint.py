@@ -28,11 +28,13 @@ import random
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from growkit.models.io import atomic_write
 
 __all__ = [
     "CHECKPOINTS_DIR",
@@ -57,40 +59,6 @@ _SEP = "::"
 # ---------------------------------------------------------------------------
 # Atomic files
 # ---------------------------------------------------------------------------
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Calls ``write(tmp)`` for a temporary file beside ``path``, then renames it to ``path``.
-
-    The temporary file is in the destination folder because ``os.replace`` is atomic only
-    within one filesystem; it is fsynced before the rename so a power loss cannot leave
-    an empty file under the final name.
-    """
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
-                               dir=directory)
-    os.close(fd)
-    try:
-        # mkstemp creates the file 0600; give it the permissions a plain open() would.
-        os.chmod(tmp, 0o666 & ~_umask())
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.remove(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     text = json.dumps(obj, indent=2, sort_keys=True, allow_nan=True) + "\n"

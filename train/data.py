@@ -29,12 +29,13 @@ import itertools
 import json
 import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Iterator, Sequence, Union
 
 import numpy as np
 import torch
+
+from growkit.models.io import atomic_write_text
 
 from .stories import generate_stories
 
@@ -69,11 +70,6 @@ PathLike = Union[str, "os.PathLike[str]"]
 # Sources
 # ---------------------------------------------------------------------------
 
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 def _check_positive_int(name: str, value, allow_none: bool = False) -> None:
     if value is None and allow_none:
@@ -264,30 +260,6 @@ def split_stories(
 # Tokenizers
 # ---------------------------------------------------------------------------
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Writes ``text`` to ``path`` so that readers see the old file or the new one.
-
-    A crash or a concurrent writer (two runs sharing a cache directory) must never
-    leave a half-written JSON behind, so the text goes to a temporary file in the
-    same directory (same filesystem) and is renamed over the target.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def _ids_array(ids, vocab_size: int) -> np.ndarray:
     arr = np.asarray(ids.tolist() if isinstance(ids, torch.Tensor) else ids,
                      dtype=np.int64).reshape(-1)
@@ -420,7 +392,7 @@ class ByteTokenizer(Tokenizer):
         meta = {"growkit_tokenizer": "byte", "format": 1,
                 "vocab_size": self.vocab_size, "eot_id": self.eot_id,
                 "eot_token": EOT_TOKEN}
-        _atomic_write_text(path, json.dumps(meta, indent=2) + "\n")
+        atomic_write_text(path, json.dumps(meta, indent=2) + "\n")
         return path
 
 
@@ -527,7 +499,7 @@ class BPETokenizer(Tokenizer):
         )
         tok.train_from_iterator(list(texts), trainer=trainer, length=len(texts))
         if cache_path is not None:
-            _atomic_write_text(cache_path, tok.to_str())
+            atomic_write_text(cache_path, tok.to_str())
         return cls(tok)
 
     def encode(self, text: str) -> list[int]:
@@ -559,7 +531,7 @@ class BPETokenizer(Tokenizer):
     def save(self, directory: PathLike) -> Path:
         """Saves as ``<directory>/tokenizer.json`` in the ``tokenizers`` format."""
         path = Path(directory) / TOKENIZER_FILE
-        _atomic_write_text(path, self._tok.to_str())
+        atomic_write_text(path, self._tok.to_str())
         return path
 
 
