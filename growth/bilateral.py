@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from .depth import DEPTH_MODES, grow_depth
+from .adapters import get_adapter
+from .depth import check_depth_args, grow_depth
 from .width import check_noise, check_scale, grow_width
 
 
@@ -40,10 +41,9 @@ def scale_bilaterally(
     # Every argument is checked before the first (large) allocation.
     check_scale(scale_factor)
     check_noise(noise_std, noise)
-    if isinstance(extra_layers, bool) or not isinstance(extra_layers, int) or extra_layers < 0:
-        raise ValueError(f"extra_layers must be a whole number >= 0, got {extra_layers!r}")
-    if depth_mode not in DEPTH_MODES:
-        raise ValueError(f"depth_mode must be one of {DEPTH_MODES}, got {depth_mode!r}")
+    # Width growth keeps the layer count, so the depth arguments are checked against the source.
+    n_layers = get_adapter(model, "bilateral growth").n_layers(model)
+    check_depth_args(extra_layers, depth_mode, positions, n_layers, mode_name="depth_mode")
     wide = grow_width(model, scale_factor, noise_std=noise_std, noise=noise, seed=seed)
     width_records = wide.growth_records
     grown = grow_depth(wide, extra_layers, mode=depth_mode, positions=positions)

@@ -47,11 +47,12 @@ def default_positions(n_layers: int, extra_layers: int) -> list[int]:
     return sorted((k * n_layers) // extra_layers for k in range(extra_layers))
 
 
-def _check(model, extra_layers, mode, positions, n_layers) -> list[int] | None:
+def check_depth_args(extra_layers, mode, positions, n_layers, *, mode_name: str = "mode") -> list[int] | None:
+    """Validate depth-growth arguments (ValueError naming the argument); sorted positions."""
     if isinstance(extra_layers, bool) or not isinstance(extra_layers, int) or extra_layers < 0:
         raise ValueError(f"extra_layers must be a whole number >= 0, got {extra_layers!r}")
     if mode not in DEPTH_MODES:
-        raise ValueError(f"mode must be one of {DEPTH_MODES}, got {mode!r}")
+        raise ValueError(f"{mode_name} must be one of {DEPTH_MODES}, got {mode!r}")
     if positions is None:
         return None
     positions = list(positions)
@@ -112,7 +113,7 @@ def grow_depth(
     """
     adapter = get_adapter(model, "depth growth")
     n_layers = adapter.n_layers(model)
-    positions = _check(model, extra_layers, mode, positions, n_layers)
+    positions = check_depth_args(extra_layers, mode, positions, n_layers)
     roles = adapter.param_roles(model)
     plan = layer_plan(n_layers, extra_layers, mode, positions)
     new_config = adapter.deepen_config(model, len(plan))

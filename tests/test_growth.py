@@ -346,6 +346,7 @@ def test_transfer_adam_state_keeps_each_update_direction():
         (lambda m: scale_bilaterally(m, 2, extra_layers=-1), "extra_layers"),
         (lambda m: scale_bilaterally(m, 1), "scale_factor"),
         (lambda m: scale_bilaterally(m, 2, depth_mode="deep"), "depth_mode"),
+        (lambda m: scale_bilaterally(m, 2, extra_layers=1, positions=[3]), "positions"),
     ],
 )
 def test_bad_input_is_refused_before_allocation(call, match, monkeypatch):
