@@ -55,6 +55,11 @@ def _as_3d(x: torch.Tensor, groups: int, dim: int) -> torch.Tensor:
     return x.reshape(pre, groups, -1)
 
 
+def _row_width(k: int) -> int:
+    """The largest power of two <= 1024 that divides k (1 for odd k)."""
+    return math.gcd(k, 1024) if k else 1
+
+
 def naive_block_divergence(x: torch.Tensor, groups: int, dim: int = 0) -> BlockDivergence:
     """Eager reference."""
     x, groups, dim = _check(x, groups, dim)
@@ -86,6 +91,11 @@ def block_divergence(x: torch.Tensor, groups: int, dim: int = 0, *, backend: str
     x3 = _as_3d(x, groups, dim)
     P, _, K = x3.shape
     s_pre, s_group, s_inner = x3.stride()
+    if P == 1:
+        # Blocks along the first dim: one row per block would leave the kernel a single
+        # row of tiles, so view each block as [K / w, w] rows instead (same elements).
+        w = _row_width(K)
+        P, K, s_pre = K // w, w, w * s_inner
     mx, mean, mag = paired_diff_triton(
         x3, x3, 1,
         a_strides=(s_group, s_pre, s_inner), b_strides=(0, s_pre, s_inner),

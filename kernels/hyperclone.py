@@ -30,11 +30,16 @@ are not divided). 3-D tensors [E, O, I] (stacked experts) are cloned expert by e
 from __future__ import annotations
 
 import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
+import numpy as np
 import torch
 
 from .backend import HAS_TRITON, use_triton
-from .noise import noise_divisor, seed_keys, uniform_int_range_torch
+from .memory import empty_cpu
+from .noise import noise_divisor, seed_keys, uniform_bytes_grid_np, uniform_int_torch, weyl_pattern
 
 NOISE_MODES = ("zero_sum", "independent")
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -105,6 +110,27 @@ def _noise_plan(noise_std: float, noise: str, in_repeat: int):
     return True, zero_sum, noise_divisor(noise_std, in_repeat, zero_sum)
 
 
+def _divisor_tensor(divisor, device) -> torch.Tensor:
+    return torch.full((), float(divisor), dtype=torch.float32, device=device)
+
+
+def _divide(x: torch.Tensor, divisor) -> torch.Tensor:
+    """``x / divisor`` correctly rounded on every device (float32 ``x``; a new tensor).
+
+    NOTE: not ``x / 3.0``: for a Python-number divisor, CUDA PyTorch multiplies by the
+    reciprocal, which is off by one ulp for some x (seen on an H200: the torch reference
+    then differed from the kernel's ``div_rn`` for scale 3 in float32). A divisor tensor on
+    the same device takes the true division.
+    """
+    return x / _divisor_tensor(divisor, x.device)
+
+
+def _empty(shape, dtype, device) -> torch.Tensor:
+    if torch.device(device).type == "cpu":
+        return empty_cpu(shape, dtype)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 # --------------------------------------------------------------------------------------
 # Torch reference
 # --------------------------------------------------------------------------------------
@@ -127,47 +153,161 @@ def naive_hyperclone(
     out_repeat, in_repeat = _check_args(weight, out_repeat, in_repeat, noise_std, noise, seed)
     w3 = _as_3d(weight)
     E, O, I = w3.shape
-    out = torch.empty(_out_shape(weight, out_repeat, in_repeat), dtype=weight.dtype, device=weight.device)
+    out = _empty(_out_shape(weight, out_repeat, in_repeat), weight.dtype, weight.device)
     out5 = out.view(E, out_repeat, O, in_repeat, I)
     divisor = in_repeat if divide else 1
     has_noise, zero_sum, noise_div = _noise_plan(noise_std, noise, in_repeat)
 
     if not has_noise:
-        # NOTE: divide the small source once (float32, one rounding to the dtype, as in the
-        # kernel), fill row block 0 by a broadcast copy, then copy that block: contiguous
-        # copies. Measured on 2 CPU cores at 4096x4096 -> x2: 165 ms, vs 300 ms for one
-        # broadcast division into the output and 135 ms for weight.repeat(2, 2).
-        src = w3 if divisor == 1 else (w3.float() / divisor).to(weight.dtype)
-        out5[:, 0].copy_(src.view(E, O, 1, I).expand(E, O, in_repeat, I))
-        rows = out.view(E, out_repeat, -1)
-        for a in range(1, out_repeat):
-            rows[:, a].copy_(rows[:, 0])
+        # NOTE: one broadcast copy per chunk of source rows writes every output element
+        # once, from the source chunk divided in float32 and rounded once to the dtype (as
+        # in the kernel). Growing a 1B-parameter bf16 model x2 on 2 CPU cores: 2.9 s, vs
+        # 4.05 s when block (0, 0) was written first and then copied across and down
+        # (three passes over the output), and 2.6 s for the bare allocate-and-write loop.
+        step = min(O, max(1, (1 << 20) // max(1, I)))
+        if divisor != 1:
+            # NOTE: buffers reused across chunks: a fresh 4 MB temporary per chunk made
+            # the CPU fault in new pages every time (x2.5 slower growth of a 1B model).
+            work = torch.empty(step, I, dtype=torch.float32, device=weight.device)
+            rounded = torch.empty(step, I, dtype=weight.dtype, device=weight.device)
+            divisor_t = _divisor_tensor(divisor, weight.device)
+        for e in range(E):
+            for r0 in range(0, O, step):
+                src = w3[e, r0:r0 + step]
+                if divisor != 1:
+                    n = src.shape[0]
+                    work[:n].copy_(src)
+                    torch.div(work[:n], divisor_t, out=work[:n])  # correctly rounded: see _divide
+                    src = rounded[:n].copy_(work[:n])
+                dst = out5[e, :, r0:r0 + step]
+                dst.copy_(src.unsqueeze(0).unsqueeze(2).expand_as(dst))
         return out.view(_out_shape(weight, out_repeat, in_repeat))
 
     k0, k1 = seed_keys(seed)
+    pair = zero_sum and in_repeat == 2
     noise_div_t = torch.tensor(noise_div, dtype=torch.float32, device=weight.device)
     row_len = in_repeat * I  # elements in one output row
     if rows_per_chunk is None:
-        # NOTE: ~32K elements a chunk keeps the hash temporaries in cache; measured much
-        # faster than whole-tensor int64 passes, which are memory-bound.
-        rows_per_chunk = max(1, (1 << 15) // max(1, row_len))
+        rows_per_chunk = max(1, (1 << 16) // max(1, row_len))  # bounds the int64 temporaries
+    block = torch.arange(in_repeat, device=weight.device).view(in_repeat, 1) * I + torch.arange(I, device=weight.device)
     for e in range(E):
         for r0 in range(0, O, rows_per_chunk):
             r1 = min(O, r0 + rows_per_chunk)
             w = w3[e, r0:r1].to(torch.float32)
             if divisor != 1:
-                w = w / divisor
+                w = _divide(w, divisor)
             w = w.view(r1 - r0, 1, I)
             for a in range(out_repeat):
-                # rows r0..r1 of row block a are one contiguous range of global indices
+                # global output index of row r of row block a, block b, column i
                 start = e * (out_repeat * O * row_len) + (a * O + r0) * row_len
-                c = uniform_int_range_torch(start, (r1 - r0) * row_len, k0, k1, weight.device)
-                c = c.view(r1 - r0, in_repeat, I)
-                if zero_sum:
-                    total = c.sum(dim=1, keepdim=True, dtype=torch.int32)
-                    c = c.mul_(in_repeat).sub_(total)
+                g = start + torch.arange(r1 - r0, device=weight.device).view(-1, 1, 1) * row_len + block
+                if pair:
+                    c0 = uniform_int_torch(g[:, :1], k0, k1)  # drawn at block 0's index
+                    c = torch.cat([c0, -c0], dim=1)
+                else:
+                    c = uniform_int_torch(g, k0, k1)
+                    if zero_sum:
+                        c = in_repeat * c - c.sum(dim=1, keepdim=True)
                 out5[e, a, r0:r1] = (w + c.to(torch.float32) / noise_div_t).to(weight.dtype)
     return out.view(_out_shape(weight, out_repeat, in_repeat))
+
+
+# --------------------------------------------------------------------------------------
+# Fast CPU path: numpy draws, several threads
+# --------------------------------------------------------------------------------------
+CPU_CHUNK_DRAWS = 1 << 18
+
+
+@contextmanager
+def _torch_threads(n: int):
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _hyperclone_cpu(
+    weight, out_repeat, in_repeat, *, noise_std, noise, seed, divide, rows_per_chunk=None, workers=None
+):
+    """:func:`naive_hyperclone` on the CPU, fast; bit-identical to it.
+
+    NOTE: the noise is the cost of growth on a CPU (the copy path is memory-bound
+    already). Per chunk of rows: the draws come from ``uniform_bytes_grid_np`` (numpy,
+    four draws per hash), noise and sums are float32 numpy ops into per-thread buffers
+    (fresh buffers each chunk were measured 2x slower: large mallocs are fresh mmaps, so
+    every chunk paid page faults), and one torch copy rounds the rows to the output dtype
+    and writes them. Chunks run on ``torch.get_num_threads()`` Python threads with torch
+    held to one intra-op thread meanwhile, so the two kinds of threads do not fight over
+    the cores.
+    """
+    has_noise, zero_sum, noise_div = _noise_plan(noise_std, noise, in_repeat)
+    if not has_noise:
+        return naive_hyperclone(weight, out_repeat, in_repeat, divide=divide)
+    w3 = _as_3d(weight)
+    E, O, I = w3.shape
+    out = empty_cpu(_out_shape(weight, out_repeat, in_repeat), weight.dtype)
+    if out.numel() == 0:
+        return out
+    out5 = out.view(E, out_repeat, O, in_repeat, I)
+    divisor = in_repeat if divide else 1
+    pair = zero_sum and in_repeat == 2
+    draw_cols = I if pair else in_repeat * I  # elements of a row that get their own draw
+    row_len = in_repeat * I
+    if rows_per_chunk is None:
+        rows_per_chunk = max(1, CPU_CHUNK_DRAWS // draw_cols)
+    rows_per_chunk = min(rows_per_chunk, O)
+    pattern = weyl_pattern(rows_per_chunk, draw_cols // 4, row_len // 4) if draw_cols % 4 == 0 else None
+    k0, k1 = seed_keys(seed)
+    # (u - 127.5) / (D / 2) == (2u - 255) / D exactly: both scaled by a power of two.
+    half_div = np.float32(noise_div / 2)
+    nd = np.float32(noise_div)
+    local = threading.local()
+
+    def workspace(n):
+        if not hasattr(local, "w"):
+            local.w = torch.empty(rows_per_chunk, I)
+            local.y = torch.empty(rows_per_chunk, in_repeat, I)
+            local.noise = np.empty((rows_per_chunk, draw_cols), np.float32)
+            local.bits = np.empty((rows_per_chunk, draw_cols // 4), np.uint32)
+            local.tmp = np.empty_like(local.bits)
+        return local.w[:n], local.y[:n], local.noise[:n], local.bits, local.tmp
+
+    def fill(e: int, r0: int) -> None:
+        n = min(O, r0 + rows_per_chunk) - r0
+        w, y, noise_f, bits, tmp = workspace(n)
+        w.copy_(w3[e, r0:r0 + n])
+        if divisor != 1:
+            torch.div(w, _divisor_tensor(divisor, w.device), out=w)
+        w_np, y_np = w.numpy(), y.numpy()
+        for a in range(out_repeat):
+            start = e * (out_repeat * O * row_len) + (a * O + r0) * row_len
+            u = uniform_bytes_grid_np(start, n, draw_cols, row_len, k0, k1, pattern, bits, tmp)
+            if zero_sum and not pair:
+                c = u.astype(np.int64).reshape(n, in_repeat, I) * 2 - 255
+                c = in_repeat * c - c.sum(axis=1, keepdims=True)
+                np.divide(c.reshape(n, draw_cols), nd, out=noise_f, dtype=np.float32)
+            else:
+                np.subtract(u, np.float32(127.5), out=noise_f, dtype=np.float32)
+                np.divide(noise_f, half_div, out=noise_f)
+            if pair:
+                np.add(w_np, noise_f, out=y_np[:, 0])
+                np.subtract(w_np, noise_f, out=y_np[:, 1])
+            else:
+                np.add(w_np[:, None, :], noise_f.reshape(n, in_repeat, I), out=y_np)
+            out5[e, a, r0:r0 + n].copy_(y)
+
+    tasks = [(e, r0) for e in range(E) for r0 in range(0, O, rows_per_chunk)]
+    workers = min(workers or torch.get_num_threads(), len(tasks))
+    if workers <= 1:
+        for task in tasks:
+            fill(*task)
+    else:
+        with _torch_threads(1), ThreadPoolExecutor(workers) as pool:
+            for future in [pool.submit(fill, *task) for task in tasks]:
+                future.result()
+    return out
 
 
 # --------------------------------------------------------------------------------------
@@ -177,7 +317,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .noise import uniform_int
+    from .noise import uniform_int, uniform_int_rows
 
     @triton.jit
     def _to_bf16_bits(y):
@@ -194,7 +334,7 @@ if HAS_TRITON:
         stride_we, stride_wo, stride_wi,
         divisor, noise_div, k0, k1,
         OUT_REPEAT, IN_REPEAT,
-        HAS_NOISE: tl.constexpr, ZERO_SUM: tl.constexpr, BF16_OUT: tl.constexpr,
+        HAS_NOISE: tl.constexpr, ZERO_SUM: tl.constexpr, PAIR: tl.constexpr, ALIGNED4: tl.constexpr, BF16_OUT: tl.constexpr,
         BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr,
     ):
         # int64 from the start: offsets of a tensor past 2**31 elements overflow int32.
@@ -214,20 +354,37 @@ if HAS_TRITON:
 
         row_len = IN_REPEAT * I
         expert_base = e * (OUT_REPEAT * O) * row_len
+        col0 = (pid_tile % n_tiles_i) * BLOCK_I
         for a in range(OUT_REPEAT):
             # Global output index of block (a, 0); the output is contiguous, so index == offset.
-            g0 = expert_base + (a * O + offs_o[:, None]) * row_len + offs_i[None, :]
-            if HAS_NOISE and ZERO_SUM:
+            row_start = expert_base + (a * O + offs_o) * row_len
+            g0 = row_start[:, None] + offs_i[None, :]
+            if HAS_NOISE and PAIR:
+                # block 1 gets the negation
+                if ALIGNED4:
+                    c_pair = uniform_int_rows(row_start, col0, k0, k1, BLOCK_O, BLOCK_I)
+                else:
+                    c_pair = uniform_int(g0, k0, k1)
+            elif HAS_NOISE and ZERO_SUM:
                 c_sum = tl.zeros([BLOCK_O, BLOCK_I], dtype=tl.int64)
                 for b in range(IN_REPEAT):
-                    c_sum += uniform_int(g0 + b * I, k0, k1)
+                    if ALIGNED4:
+                        c_sum += uniform_int_rows(row_start + b * I, col0, k0, k1, BLOCK_O, BLOCK_I)
+                    else:
+                        c_sum += uniform_int(g0 + b * I, k0, k1)
             for b in range(IN_REPEAT):
                 g = g0 + b * I
                 y = w
                 if HAS_NOISE:
-                    c = uniform_int(g, k0, k1)
-                    if ZERO_SUM:
-                        c = IN_REPEAT * c - c_sum
+                    if PAIR:
+                        c = c_pair * (1 - 2 * b)
+                    else:
+                        if ALIGNED4:
+                            c = uniform_int_rows(row_start + b * I, col0, k0, k1, BLOCK_O, BLOCK_I)
+                        else:
+                            c = uniform_int(g, k0, k1)
+                        if ZERO_SUM:
+                            c = IN_REPEAT * c - c_sum
                     y = w + tl.math.div_rn(c.to(tl.float32), noise_div)
                 if BF16_OUT:
                     tl.store(out_ptr + g, _to_bf16_bits(y), mask=mask)
@@ -235,17 +392,26 @@ if HAS_TRITON:
                     tl.store(out_ptr + g, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _block_sizes(O: int, I: int) -> tuple[int, int]:
-    # NOTE: a memory-bound copy: 4096-element tiles with 256 contiguous columns give
-    # 1 KB (fp32) coalesced row segments; small weights get one tile.
-    block_i = min(256, triton.next_power_of_2(max(I, 1)))
+def _launch_shape(O: int, I: int, has_noise: bool) -> tuple[int, int, int]:
+    """(BLOCK_O, BLOCK_I, num_warps) for a weight [O, I]; small weights get one tile.
+
+    NOTE: measured on an H200 with ``python bench/gpu_tune.py``
+    (``bench/results/gpu_tune_nvidia-h200.json``). Without noise the kernel is a copy:
+    4096-element tiles of 256 contiguous columns (1 KB fp32 row segments) and 4 warps were
+    within noise of the best of eight shapes. With noise it is bound by the integer hash:
+    8 warps on 8 x 512 tiles ran 1.3-1.5x faster than 4 warps on 16 x 256.
+    """
+    width, warps = (512, 8) if has_noise else (256, 4)
+    block_i = min(width, triton.next_power_of_2(max(I, 1)))
     block_o = min(max(4096 // block_i, 1), triton.next_power_of_2(max(O, 1)))
-    return block_o, block_i
+    return block_o, block_i, warps
 
 
 def _hyperclone_triton(
-    weight, out_repeat, in_repeat, *, noise_std, noise, seed, divide, block_o=None, block_i=None
+    weight, out_repeat, in_repeat, *, noise_std, noise, seed, divide,
+    block_o=None, block_i=None, num_warps=None, aligned4=None,
 ):
+    """Launch the kernel; the keyword-only launch shape arguments are for tests and tuning."""
     w3 = _as_3d(weight)
     E, O, I = w3.shape
     out = torch.empty(_out_shape(weight, out_repeat, in_repeat), dtype=weight.dtype, device=weight.device)
@@ -253,9 +419,12 @@ def _hyperclone_triton(
         return out
     has_noise, zero_sum, noise_div = _noise_plan(noise_std, noise, in_repeat)
     k0, k1 = seed_keys(seed)
-    default_o, default_i = _block_sizes(O, I)
+    default_o, default_i, default_warps = _launch_shape(O, I, has_noise)
     block_o = block_o or default_o
     block_i = block_i or default_i
+    num_warps = num_warps or default_warps
+    if aligned4 is None:
+        aligned4 = I % 4 == 0 and block_i % 4 == 0
     bf16 = weight.dtype == torch.bfloat16
     grid = (triton.cdiv(O, block_o) * triton.cdiv(I, block_i), E)
     _hyperclone_kernel[grid](
@@ -264,8 +433,9 @@ def _hyperclone_triton(
         w3.stride(0), w3.stride(1), w3.stride(2),
         float(in_repeat if divide else 1), noise_div, k0, k1,
         out_repeat, in_repeat,
-        HAS_NOISE=has_noise, ZERO_SUM=zero_sum, BF16_OUT=bf16,
-        BLOCK_O=block_o, BLOCK_I=block_i,
+        HAS_NOISE=has_noise, ZERO_SUM=zero_sum, PAIR=zero_sum and in_repeat == 2,
+        ALIGNED4=aligned4, BF16_OUT=bf16,
+        BLOCK_O=block_o, BLOCK_I=block_i, num_warps=num_warps,
     )
     return out
 
@@ -308,4 +478,6 @@ def hyperclone(
     kwargs = dict(noise_std=float(noise_std), noise=noise, seed=seed, divide=divide)
     if use_triton(weight.device, backend):
         return _hyperclone_triton(weight, out_repeat, in_repeat, **kwargs)
+    if weight.device.type == "cpu":
+        return _hyperclone_cpu(weight, out_repeat, in_repeat, **kwargs)
     return naive_hyperclone(weight, out_repeat, in_repeat, **kwargs)

@@ -5,10 +5,11 @@ For every slot ``s`` (a layer, or a block of clones) it reduces a pair of [P, D]
     a[s, p, r*D + c]  vs  b[s, p, c]       r = 0..REPS-1   (every replica of a against b)
 
 into ``max |a - b|``, ``mean |a - b|`` and, optionally, ``mean |a|``, for all slots in one
-launch. The grid is (tiles of one slot, slots): every program reduces its tile, adds it to a
-per-slot workspace with atomics, and the last program of a slot (an atomic counter tells)
-writes the slot's final figures, so the output buffers are written exactly once by the
-kernel and nothing but the workspace needs zeroing.
+launch. The grid is (programs of one slot, slots): every program reduces a column of
+``TILES_PER_PROG`` tiles in registers, adds its figures to a per-slot workspace with
+atomics, and the last program of a slot (an atomic counter tells) writes the slot's final
+figures, so the output buffers are written exactly once by the kernel and nothing but the
+workspace needs zeroing.
 
 A NaN difference counts as +inf: a NaN in a grown model must fail every tolerance, and
 ``max`` is not NaN-propagating in every backend.
@@ -32,33 +33,34 @@ if HAS_TRITON:
         P, D, REPS,
         stride_as, stride_ap, stride_ac,
         stride_bs, stride_bp, stride_bc,
-        n_elems,
+        n_elems, TILES_PER_PROG,
         HAS_MAG: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
-        tile = tl.program_id(0).to(tl.int64)
+        pid = tl.program_id(0).to(tl.int64)
         slot = tl.program_id(1).to(tl.int64)
         n_tiles_d = tl.cdiv(D, BLOCK_D)
-        offs_p = (tile // n_tiles_d) * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
-        offs_d = (tile % n_tiles_d) * BLOCK_D + tl.arange(0, BLOCK_D).to(tl.int64)
-        mask = (offs_p[:, None] < P) & (offs_d[None, :] < D)
-
-        # b is read once and compared with every replica of a.
-        b = tl.load(
-            b_ptr + slot * stride_bs + offs_p[:, None] * stride_bp + offs_d[None, :] * stride_bc,
-            mask=mask, other=0.0,
-        ).to(tl.float32)
-        a_base = a_ptr + slot * stride_as + offs_p[:, None] * stride_ap
+        row_group = pid // n_tiles_d
+        offs_d = (pid % n_tiles_d) * BLOCK_D + tl.arange(0, BLOCK_D).to(tl.int64)
         acc_max = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
         acc_sum = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
         acc_mag = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
-        for r in range(REPS):
-            a = tl.load(a_base + (r * D + offs_d[None, :]) * stride_ac, mask=mask, other=0.0).to(tl.float32)
-            diff = tl.abs(a - b)
-            diff = tl.where(diff != diff, float("inf"), diff)
-            acc_max = tl.maximum(acc_max, diff)
-            acc_sum += diff
-            if HAS_MAG:
-                acc_mag += tl.abs(a)
+        for t in range(TILES_PER_PROG):
+            offs_p = (row_group * TILES_PER_PROG + t) * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
+            mask = (offs_p[:, None] < P) & (offs_d[None, :] < D)
+            # b is read once and compared with every replica of a.
+            b = tl.load(
+                b_ptr + slot * stride_bs + offs_p[:, None] * stride_bp + offs_d[None, :] * stride_bc,
+                mask=mask, other=0.0,
+            ).to(tl.float32)
+            a_base = a_ptr + slot * stride_as + offs_p[:, None] * stride_ap
+            for r in range(REPS):
+                a = tl.load(a_base + (r * D + offs_d[None, :]) * stride_ac, mask=mask, other=0.0).to(tl.float32)
+                diff = tl.abs(a - b)
+                diff = tl.where(diff != diff, float("inf"), diff)
+                acc_max = tl.maximum(acc_max, diff)
+                acc_sum += diff
+                if HAS_MAG:
+                    acc_mag += tl.abs(a)
 
         # Non-negative float32 values order like their int32 bit patterns, so an integer
         # atomic max needs no float atomic support.
@@ -69,13 +71,20 @@ if HAS_TRITON:
             tl.atomic_add(ws_mag_ptr + slot, tl.sum(tl.sum(acc_mag, axis=1), axis=0))
         # acq_rel: the adds above are visible to whichever program finishes the slot.
         done = tl.atomic_add(ws_count_ptr + slot, 1)
-        n_tiles = tl.cdiv(P, BLOCK_P) * n_tiles_d
-        if done == n_tiles - 1:
+        n_programs = tl.cdiv(tl.cdiv(P, BLOCK_P), TILES_PER_PROG) * n_tiles_d
+        if done == n_programs - 1:
             total_max = tl.atomic_max(ws_max_ptr + slot, 0).to(tl.float32, bitcast=True)
             tl.store(out_max_ptr + slot, total_max)
             tl.store(out_mean_ptr + slot, tl.math.div_rn(tl.atomic_add(ws_sum_ptr + slot, 0.0), n_elems))
             if HAS_MAG:
                 tl.store(out_mag_ptr + slot, tl.math.div_rn(tl.atomic_add(ws_mag_ptr + slot, 0.0), n_elems))
+
+
+# NOTE: about 16 programs per SM of an H100/H200 (132 SMs). The first version gave every
+# 4096-element tile its own program and atomics: block_divergence of a [8192, 4096] fp32
+# weight then ran at 7.5% of copy bandwidth on an H200 (65536 one-row programs fighting
+# over two workspace addresses), layer_diff_stats at 78-89%.
+TARGET_PROGRAMS = 2048
 
 
 def _block_sizes(P: int, D: int) -> tuple[int, int]:
@@ -99,6 +108,7 @@ def paired_diff_triton(
     with_magnitude: bool,
     block_p: int | None = None,
     block_d: int | None = None,
+    tiles_per_prog: int | None = None,
 ):
     """Launch the fused reduction; returns (max, mean, magnitude-or-None), float32 [n_slots].
 
@@ -120,14 +130,17 @@ def paired_diff_triton(
     ws_sum = torch.zeros(n_slots, dtype=torch.float32, device=device)
     ws_mag = torch.zeros(n_slots, dtype=torch.float32, device=device)
     ws_count = torch.zeros(n_slots, dtype=torch.int32, device=device)
-    grid = (triton.cdiv(P, block_p) * triton.cdiv(D, block_d), n_slots)
+    n_row_tiles, n_col_tiles = triton.cdiv(P, block_p), triton.cdiv(D, block_d)
+    if tiles_per_prog is None:
+        tiles_per_prog = max(1, min(n_row_tiles, n_row_tiles * n_col_tiles * n_slots // TARGET_PROGRAMS))
+    grid = (triton.cdiv(n_row_tiles, tiles_per_prog) * n_col_tiles, n_slots)
     _paired_diff_kernel[grid](
         a, b,
         ws_max, ws_sum, ws_mag, ws_count,
         out_max, out_mean, out_mag,
         P, D, reps,
         *a_strides, *b_strides,
-        float(P * D * reps),
+        float(P * D * reps), tiles_per_prog,
         HAS_MAG=with_magnitude, BLOCK_P=block_p, BLOCK_D=block_d,
     )
     return out_max, out_mean, (out_mag if with_magnitude else None)

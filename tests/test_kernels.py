@@ -15,8 +15,9 @@ from growkit.kernels import (
     naive_layer_diff_stats,
 )
 from growkit.kernels import backend as backend_mod
-from growkit.kernels.hyperclone import _hyperclone_triton
-from growkit.kernels.noise import STD_C, seed_keys, uniform_int_torch
+from growkit.kernels import memory
+from growkit.kernels.hyperclone import _hyperclone_cpu, _hyperclone_triton
+from growkit.kernels.noise import STD_C, seed_keys, uniform_bytes_grid_np, uniform_int_torch
 from growkit.kernels.paired_diff import paired_diff_triton
 
 INTERPRET = backend_mod.interpreter_enabled() and backend_mod.HAS_TRITON
@@ -77,6 +78,33 @@ def test_hyperclone_triton_matches_reference_bitwise(poison_empty, dtype, shape,
     out = hyperclone(w, r_o, r_i, backend="triton", **kw)
     ref = naive_hyperclone(w, r_o, r_i, **kw)
     assert_bitwise_equal(out, ref)
+
+
+# rows of 4-aligned length take the numpy byte path; the others the spec's slow path
+CPU_SHAPES_REPEATS = SHAPES_REPEATS + [((33, 48), 2, 2), ((5, 9, 64), 2, 3), ((21, 36), 3, 2), ((16, 40), 1, 4)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,r_o,r_i", CPU_SHAPES_REPEATS)
+@pytest.mark.parametrize("noise_std,noise", NOISES)
+def test_hyperclone_cpu_path_matches_reference_bitwise(poison_empty, dtype, shape, r_o, r_i, noise_std, noise):
+    w = rand_weight(shape, dtype)
+    before = w.clone()
+    kw = dict(noise_std=noise_std, noise=noise, seed=11, divide=True)
+    ref = naive_hyperclone(w, r_o, r_i, **kw)
+    # default chunks and threads, one row a chunk on one thread, 5-row chunks on 3 threads
+    for rows, workers in [(None, None), (1, 1), (5, 3)]:
+        assert_bitwise_equal(_hyperclone_cpu(w, r_o, r_i, rows_per_chunk=rows, workers=workers, **kw), ref)
+    assert_bitwise_equal(w, before)  # the source is never written (float32's .float() is itself)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_hyperclone_cpu_path_noncontiguous_views(poison_empty, dtype):
+    base = rand_weight((52, 76), dtype)
+    for w in [base.t(), base[::2, 4::3], rand_weight((4, 8, 12), dtype).permute(0, 2, 1)]:
+        assert not w.is_contiguous()
+        kw = dict(noise_std=1e-2, noise="zero_sum", seed=3)
+        assert_bitwise_equal(hyperclone(w, 2, 2, backend="torch", **kw), naive_hyperclone(w.contiguous(), 2, 2, **kw))
 
 
 @needs_triton
@@ -156,14 +184,18 @@ def test_noise_depends_on_seed_only_through_the_seed():
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_hyperclone_independent_of_block_size(poison_empty, dtype):
-    w = rand_weight((37, 53), dtype)
+    w = rand_weight((37, 56), dtype)
     kw = dict(noise_std=1e-2, noise="zero_sum", seed=5, divide=True)
+    # tile shapes, and one hash per 4 elements (4-aligned rows) or one per element
     outs = [
-        _hyperclone_triton(w, 2, 3, block_o=bo, block_i=bi, **kw)
-        for bo, bi in [(1, 16), (8, 32), (16, 64), (64, 64), (2, 256)]
+        _hyperclone_triton(w, 2, 3, block_o=bo, block_i=bi, aligned4=a4, **kw)
+        for bo, bi, a4 in [(4, 16, True), (8, 32, False), (16, 64, True), (64, 64, False), (2, 256, True), (8, 8, True)]
     ]
     # the torch reference in chunks of 1 and 5 rows
     outs += [naive_hyperclone(w, 2, 3, rows_per_chunk=r, noise_std=1e-2, noise="zero_sum", seed=5) for r in (1, 5)]
+    outs += [_hyperclone_triton(w, 2, 2, block_o=8, block_i=32, aligned4=a4, **kw) for a4 in (True, False)]
+    assert_bitwise_equal(outs[-1], outs[-2])  # the pair rule, both ways of hashing
+    outs = outs[:-2]
     for o in outs[1:]:
         assert_bitwise_equal(o, outs[0])
 
@@ -183,17 +215,61 @@ def test_bfloat16_rounds_to_nearest_even(poison_empty, backend, noise_std):
 
 
 @needs_triton
-def test_noise_hash_matches_for_indices_past_2_to_the_32():
-    g = torch.tensor([0, 1, 2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**32 + 5, 2**40 + 123, 2**62 + 7])
+def test_noise_hash_matches_for_indices_past_2_to_the_34():
+    # one hash serves 4 elements, so the hash index's high word changes at 2**34
+    g = torch.tensor([0, 1, 2, 3, 2**31 - 1, 2**32 + 5, 2**34 - 1, 2**34, 2**34 + 3, 2**40 + 123, 2**62 + 7])
     for seed in (0, 12345, 2**40 + 3):
         k0, k1 = seed_keys(seed)
-        out = torch.full_like(g, -1)
+        out = torch.full_like(g, -1000)
         _eval_uniform_int[(1,)](g, out, g.numel(), k0, k1, BLOCK=16)
         assert torch.equal(out, uniform_int_torch(g, k0, k1))
-    # the high word matters: index 2**32 + i is not a copy of index i
-    c = uniform_int_torch(torch.arange(2**32, 2**32 + 1000), *seed_keys(0))
+    # the high word matters: index 2**34 + i is not a copy of index i
+    c = uniform_int_torch(torch.arange(2**34, 2**34 + 1000), *seed_keys(0))
     assert not torch.equal(c, uniform_int_torch(torch.arange(1000), *seed_keys(0)))
     assert abs(c.double().std().item() / STD_C - 1) < 0.1
+
+
+@pytest.mark.parametrize(
+    "start,rows,cols,stride",
+    [
+        (0, 7, 48, 96),
+        (4 * 12345, 3, 64, 64),
+        (2**34 + 8, 4, 16, 32),  # past the high-word change, aligned: the fast path
+        (2**34 - 200, 5, 40, 80),  # straddles it: the spec's path
+        (6, 3, 10, 13),  # not 4-aligned: the spec's path
+    ],
+)
+def test_numpy_draws_match_the_spec(start, rows, cols, stride):
+    k0, k1 = seed_keys(2**40 + 3)
+    u = uniform_bytes_grid_np(start, rows, cols, stride, k0, k1)
+    d = start + torch.arange(rows)[:, None] * stride + torch.arange(cols)
+    assert u.dtype.name == "uint8" and u.shape == (rows, cols)
+    assert torch.equal(torch.from_numpy(u).long() * 2 - 255, uniform_int_torch(d, k0, k1))
+
+
+def test_draws_are_uniform_and_uncorrelated():
+    c = uniform_int_torch(torch.arange(1 << 18), *seed_keys(9)).double()
+    u = ((c + 255) / 2).long()
+    counts = torch.bincount(u, minlength=256).double()
+    expected = c.numel() / 256
+    chi2 = ((counts - expected) ** 2 / expected).sum().item()
+    assert chi2 < 255 + 6 * math.sqrt(2 * 255)  # 255 degrees of freedom, 6 sigma
+    assert abs(c.mean().item()) < 5 * STD_C / math.sqrt(c.numel())
+    assert abs(c.std().item() / STD_C - 1) < 0.01
+    for lag in (1, 2, 3, 4, 5):  # the four bytes of one hash, and neighbouring hashes
+        r = torch.corrcoef(torch.stack([c[:-lag], c[lag:]]))[0, 1].item()
+        assert abs(r) < 0.01, (lag, r)
+
+
+def test_huge_page_advice_only_for_large_cpu_buffers():
+    assert not memory.advise_huge_pages(torch.empty(1024))
+    big = memory.empty_cpu((3, 1 << 21), torch.float32)  # 24 MiB
+    assert big.shape == (3, 1 << 21) and big.dtype == torch.float32
+    big.fill_(1.5)
+    assert big.sum().item() == 1.5 * big.numel()
+    thp = "/sys/kernel/mm/transparent_hugepage/enabled"
+    if memory._madvise is not None and os.path.exists(thp) and "[never]" not in open(thp).read():
+        assert memory.advise_huge_pages(torch.empty(1 << 23))
 
 
 @needs_triton
@@ -295,9 +371,11 @@ def test_layer_diff_stats_independent_of_block_size():
     old, new = grown_pair(3, (33,), 70, 2, torch.float32)
     ref = naive_layer_diff_stats(old, new)
     o3, n3 = old.reshape(3, -1, 70), new.reshape(3, -1, 140)
-    for bp, bd in [(1, 16), (8, 32), (64, 128)]:
+    # tile shapes, and programs that reduce 1, 3 or all row tiles of a column
+    for bp, bd, tiles in [(1, 16, 1), (8, 32, 1), (64, 128, 1), (4, 32, 3), (1, 64, 33), (8, 16, 5)]:
         mx, mean, _ = paired_diff_triton(n3, o3, 2, a_strides=n3.stride(), b_strides=o3.stride(),
-                                         n_slots=3, P=33, D=70, with_magnitude=False, block_p=bp, block_d=bd)
+                                         n_slots=3, P=33, D=70, with_magnitude=False, block_p=bp, block_d=bd,
+                                         tiles_per_prog=tiles)
         assert torch.equal(mx, ref.max_diff)
         torch.testing.assert_close(mean, ref.mean_diff, rtol=1e-5, atol=0)
 
@@ -323,7 +401,7 @@ def test_layer_diff_stats_bad_input(old, new, exc, match):
 # --------------------------------------------------------------------------------------
 @needs_triton
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape,groups,dim", [((37, 53), 1, 0), ((36, 53), 3, 0), ((37, 54), 2, 1), ((4, 6, 5), 3, 1), ((2, 3, 8), 4, -1)])
+@pytest.mark.parametrize("shape,groups,dim", [((37, 53), 1, 0), ((36, 53), 3, 0), ((64, 48), 2, 0), ((37, 54), 2, 1), ((4, 6, 5), 3, 1), ((2, 3, 8), 4, -1)])
 def test_block_divergence_matches_reference(poison_empty, dtype, shape, groups, dim):
     x = rand_weight(shape, dtype)
     got = block_divergence(x, groups, dim, backend="triton")
