@@ -6,7 +6,10 @@
 Each measurement runs in a fresh subprocess so its peak resident memory (ru_maxrss) is its
 own. The reference is a loop that allocates every grown tensor and writes it once
 (``torch.empty(shape).copy_(...)`` from a broadcast source), i.e. the memory traffic any
-growth must do at least. Peak memory is compared with source + grown + the largest single
+growth must do at least. growkit allocates its CPU outputs with huge pages
+(``growkit.kernels.memory``), which makes the first write of each page cheaper; so the
+reference is also timed with the same allocation (``baseline_huge_pages``), and the
+ratio to each is reported. Peak memory is compared with source + grown + the largest single
 grown tensor, counted from the process's resident size once the source is loaded.
 """
 
@@ -51,8 +54,9 @@ def child(args) -> dict:
     source = build_source(args)
     src_bytes = sum(t.numel() * t.element_size() for t in source.state_dict().values())
     after_source = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    if args.what == "baseline":
+    if args.what in ("baseline", "baseline_huge_pages"):
         from growkit.growth import get_adapter
+        from growkit.kernels.memory import empty_cpu
         from growkit.growth.roles import ROLE_RULES
 
         roles = get_adapter(source).param_roles(source)
@@ -61,7 +65,7 @@ def child(args) -> dict:
         for name, t in source.state_dict().items():
             reps = ROLE_RULES[roles[name].role].repeats(args.scale)
             shape = tuple(n * r for n, r in zip(t.shape, reps))
-            out = torch.empty(shape, dtype=t.dtype)
+            out = empty_cpu(shape, t.dtype) if args.what == "baseline_huge_pages" else torch.empty(shape, dtype=t.dtype)
             view = out.view(*[x for n, r in zip(t.shape, reps) for x in (r, n)])
             src = t.view(*[x for n in t.shape for x in (1, n)])
             view.copy_(src.expand(view.shape))
@@ -89,6 +93,8 @@ def main(argv=None):
     p.add_argument("--scale", type=int, default=2)
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--noise-stds", default="0,1e-5", help="comma-separated noise_std values to time")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="run every configuration this many times, interleaved, and keep the fastest")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--what", default="baseline", help=argparse.SUPPRESS)
     p.add_argument("--noise-std", type=float, default=0.0, help=argparse.SUPPRESS)
@@ -101,26 +107,37 @@ def main(argv=None):
     env.pop("TRITON_INTERPRET", None)
     common = [sys.executable, __file__, "--child", "--d-model", str(args.d_model), "--n-layers", str(args.n_layers),
               "--vocab", str(args.vocab), "--scale", str(args.scale), "--dtype", args.dtype]
-    runs = [("baseline", 0.0)] + [("grow_width", float(s)) for s in args.noise_stds.split(",")]
-    rows = []
-    for what, noise in runs:
-        out = subprocess.run(common + ["--what", what, "--noise-std", str(noise)], capture_output=True,
-                             text=True, env=env)
-        if out.returncode != 0:
-            raise SystemExit(f"{what} failed:\n{out.stderr}")
-        r = json.loads(out.stdout.strip().splitlines()[-1])
-        rows.append(r)
-        print(f"{what:10s} noise_std={noise:g}: {r['seconds']:.2f} s, peak RSS {r['peak_rss'] / 2**30:.2f} GiB")
+    runs = [("baseline", 0.0), ("baseline_huge_pages", 0.0)] + [("grow_width", float(s)) for s in args.noise_stds.split(",")]
+    best: dict[int, dict] = {}
+    for rep in range(args.repeats):
+        # NOTE: interleaved repeats: on a shared VM one run of the same thing varied by
+        # 20-30% between minutes, so each configuration keeps its fastest run.
+        for k, (what, noise) in enumerate(runs):
+            out = subprocess.run(common + ["--what", what, "--noise-std", str(noise)], capture_output=True,
+                                 text=True, env=env)
+            if out.returncode != 0:
+                raise SystemExit(f"{what} failed:\n{out.stderr}")
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            print(f"[{rep + 1}/{args.repeats}] {what:20s} noise_std={noise:g}: {r['seconds']:.2f} s, "
+                  f"peak RSS {r['peak_rss'] / 2**30:.2f} GiB", flush=True)
+            if k in best:
+                r["peak_rss"] = max(r["peak_rss"], best[k]["peak_rss"])  # the worst peak counts
+            if k not in best or r["seconds"] < best[k]["seconds"]:
+                best[k] = r
+            else:
+                best[k]["peak_rss"] = r["peak_rss"]
+    rows = [best[k] for k in range(len(runs))]
     base = rows[0]
     for r in rows:
         # the process with the source loaded, plus the grown model, plus one grown tensor
         allowed = r["rss_after_source"] + r["grown_bytes"] + r["largest_grown_tensor"]
         r["time_vs_alloc_write"] = r["seconds"] / base["seconds"]
+        r["time_vs_alloc_write_huge_pages"] = r["seconds"] / rows[1]["seconds"]
         r["peak_GiB"] = r["peak_rss"] / 2**30
         r["allowed_peak_GiB"] = allowed / 2**30
         r["peak_within_bound"] = r["peak_rss"] <= allowed
     print()
-    print_table(rows, ["what", "noise_std", "seconds", "time_vs_alloc_write", "peak_GiB",
+    print_table(rows, ["what", "noise_std", "seconds", "time_vs_alloc_write", "time_vs_alloc_write_huge_pages", "peak_GiB",
                        "allowed_peak_GiB", "peak_within_bound"])
     print(f"\nsource: {base['params_source'] / 1e9:.2f} B parameters ({args.dtype}), grown x{args.scale} width: "
           f"{base['grown_bytes'] / 2**30:.2f} GiB")

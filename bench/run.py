@@ -43,8 +43,12 @@ def eager_hyperclone_noise(w, r_o, r_i, noise_div, k0, k1):
     """Unchunked zero-sum noise, the same values as growkit's (for torch.compile to fuse)."""
     O, I = w.shape
     g = torch.arange(r_o * O * r_i * I, device=w.device).view(r_o, O, r_i, I)
-    c = uniform_int_torch(g, k0, k1)
-    c = r_i * c - c.sum(dim=2, keepdim=True)
+    if r_i == 2:  # the pair gets +c and -c, drawn at block 0's index
+        c = uniform_int_torch(g[:, :, :1], k0, k1)
+        c = torch.cat([c, -c], dim=2)
+    else:
+        c = uniform_int_torch(g, k0, k1)
+        c = r_i * c - c.sum(dim=2, keepdim=True)
     out = (w.float() / r_i).view(1, O, 1, I) + c.float() / noise_div
     return out.to(w.dtype).view(r_o * O, r_i * I)
 
@@ -66,6 +70,14 @@ def eager_block_divergence(x, groups):
     return d.amax(1), d.mean(1), x3.abs().mean(1)
 
 
+def _triton_version():
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
+
+
 def maybe_compile(fn, enabled):
     if not enabled:
         return None
@@ -76,8 +88,8 @@ def maybe_compile(fn, enabled):
         return None
 
 
-def run_case(rows, *, kernel, size, nbytes, device, fns, copy_gbps, repeat):
-    """Time each available implementation and add one row per implementation."""
+def run_case(rows, *, kernel, size, nbytes, device, fns, copy_gbps, repeat, save=None):
+    """Time each available implementation, add one row per implementation, then ``save()``."""
     times = {}
     for impl, fn in fns.items():
         if fn is None:
@@ -97,6 +109,9 @@ def run_case(rows, *, kernel, size, nbytes, device, fns, copy_gbps, repeat):
                 speedup_vs_compile=(times["compile"] / t) if "compile" in times else None,
             )
         )
+        print(f"  {kernel:18s} {size:38s} {impl:14s} {t * 1e3:9.3f} ms {gbps:8.1f} GB/s", flush=True)
+    if save is not None:
+        save()  # NOTE: after every case, so a run stopped by a time limit keeps what it measured
 
 
 def main(argv=None):
@@ -126,6 +141,15 @@ def main(argv=None):
     del src, dst
 
     rows = []
+    meta = dict(device=label, device_type=device.type, dtype=args.dtype, quick=args.quick,
+                copy_GBps=copy_gbps, torch=torch.__version__, triton=_triton_version(), compile=use_compile,
+                triton_timed=on_gpu,
+                note=None if on_gpu else "CPU run: torch paths only; Triton timings need a GPU")
+    name = "kernels" if args.dtype == "float32" else f"kernels-{args.dtype}"
+
+    def save():
+        return write_results(name, device, meta, rows)
+
     # hyperclone: [n, n] -> [2n, 2n]; output sizes 16 MB .. 1 GB in fp32 on a GPU
     sizes = ([1024, 2048] if args.quick else [1024, 2048, 4096]) if not on_gpu else (
         [2048, 8192] if args.quick else [1024, 2048, 4096, 8192])
@@ -144,7 +168,7 @@ def main(argv=None):
         if on_gpu:
             fns["triton"] = lambda: hyperclone(w, 2, 2, backend="triton")
         run_case(rows, kernel="hyperclone", size=size, nbytes=nbytes, device=device, fns=fns,
-                 copy_gbps=copy_gbps, repeat=repeat)
+                 copy_gbps=copy_gbps, repeat=repeat, save=save)
         if n <= (4096 if on_gpu else 1024):
             nd = noise_divisor(1e-5, 2, True)
             k0, k1 = seed_keys(0)
@@ -156,7 +180,7 @@ def main(argv=None):
             if on_gpu:
                 fns["triton"] = lambda: hyperclone(w, 2, 2, noise_std=1e-5, backend="triton")
             run_case(rows, kernel="hyperclone+noise", size=size, nbytes=nbytes, device=device, fns=fns,
-                     copy_gbps=copy_gbps, repeat=repeat)
+                     copy_gbps=copy_gbps, repeat=repeat, save=save)
         del w
 
     # layer_diff_stats: L layers of hidden states [B*T, d] vs [B*T, 2d]
@@ -177,7 +201,7 @@ def main(argv=None):
         if on_gpu:
             fns["triton"] = lambda: layer_diff_stats(old, new, backend="triton")
         run_case(rows, kernel="layer_diff_stats", size=size, nbytes=nbytes, device=device, fns=fns,
-                 copy_gbps=copy_gbps, repeat=repeat)
+                 copy_gbps=copy_gbps, repeat=repeat, save=save)
         del old, new
 
     # block_divergence: a [2n, n] weight of two clones
@@ -194,7 +218,7 @@ def main(argv=None):
         if on_gpu:
             fns["triton"] = lambda: block_divergence(x, 2, backend="triton")
         run_case(rows, kernel="block_divergence", size=size, nbytes=nbytes, device=device, fns=fns,
-                 copy_gbps=copy_gbps, repeat=repeat)
+                 copy_gbps=copy_gbps, repeat=repeat, save=save)
         del x
 
     print()
@@ -210,11 +234,7 @@ def main(argv=None):
     for size, ratio in ratios:
         print(f"hyperclone torch path / weight.repeat: {ratio:.2f}x  ({size})")
 
-    meta = dict(device=label, device_type=device.type, dtype=args.dtype, quick=args.quick,
-                copy_GBps=copy_gbps, torch=torch.__version__, compile=use_compile,
-                triton_timed=on_gpu,
-                note=None if on_gpu else "CPU run: torch paths only; Triton timings need a GPU")
-    json_path, csv_path = write_results("kernels", device, meta, rows)
+    json_path, csv_path = save()
     print(f"\nwrote {json_path} and {csv_path}")
 
 
