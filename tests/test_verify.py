@@ -23,6 +23,8 @@ import growkit.growth as growth
 from growkit.growth import grow_depth, upcycle_to_moe
 from growkit.models import ModelConfig, Transformer, model_from_state_dict
 from growkit.verify import (
+    DEFAULT_TOLERANCE,
+    DTYPE_TOLERANCES,
     FAILED,
     PASSED,
     SKIPPED,
@@ -35,6 +37,7 @@ from growkit.verify import (
     check_rope_integrity,
     check_router_scaling,
     check_symmetry_breaking,
+    default_tolerance,
     detailed_growth_check,
     make_probe,
     quick_sanity_check,
@@ -307,6 +310,29 @@ def test_identity_check_names_corrupted_layer(width_pair, probe, k):
     assert result.figures["first_failing"] == f"layer {k}"
     statuses_by_row = [r["status"] for r in result.table]
     assert statuses_by_row[: k + 1] == ["ok"] * (k + 1) and statuses_by_row[k + 1] == "FAIL"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("scale", [2, 3])
+def test_half_precision_growth_passes_by_default(dtype, scale):
+    old = randomize_(Transformer(tiny_config(d_model=64, n_heads=4, n_kv_heads=2, d_ff=128, n_layers=4)),
+                     seed=3).to(dtype)
+    new = grow_width(old, scale)  # default noise
+    probe = make_probe(old, batch=2, seq_len=16, seed=1)
+    report = run_growth_checks(old, new, probe, "cpu", scale_factor=scale)
+    assert report.passed, str(report)
+    identity = report["functional_identity"]
+    assert identity.tolerance == DTYPE_TOLERANCES[dtype] == default_tolerance(old, new)
+    worst = max(identity.figures["max_rel_diff_hidden"], identity.figures["logits_rel_diff"])
+    # the reason for the dtype's tolerance: float32's would have failed this correct growth
+    assert worst > DEFAULT_TOLERANCE
+    assert check_functional_identity_layerwise(old, new, probe, scale, DEFAULT_TOLERANCE).status == FAILED
+    # and it still catches a layer that was not divided by the scale
+    bad = copy.deepcopy(new)
+    with torch.no_grad():
+        bad.layers[1].mlp.down_proj.weight.mul_(scale)
+    result = check_functional_identity_layerwise(old, bad, probe, scale)
+    assert result.status == FAILED and result.where.startswith("layer 1"), result.where
 
 
 def test_identity_layer_that_is_not_an_identity(dense, probe):

@@ -12,7 +12,7 @@ training loop. See docs/GROWTH_VERIFICATION.md.
 """
 
 from .api import detailed_growth_check, run_growth_checks, verify_functional_equivalence
-from .context import DEFAULT_TOLERANCE
+from .context import DEFAULT_TOLERANCE, DTYPE_TOLERANCES, default_tolerance
 from .identity import check_functional_identity_layerwise
 from .monitor import GrowthMonitor, GrowthWarning, MonitorRecord
 from .probe import make_probe
@@ -25,6 +25,7 @@ from .symmetry import check_symmetry_breaking
 __all__ = [
     "CheckResult",
     "DEFAULT_TOLERANCE",
+    "DTYPE_TOLERANCES",
     "Diagnosis",
     "FAILED",
     "GrowthMonitor",
@@ -35,6 +36,7 @@ __all__ = [
     "SKIPPED",
     "TROUBLESHOOTING",
     "check_functional_identity_layerwise",
+    "default_tolerance",
     "check_rope_integrity",
     "check_router_scaling",
     "check_symmetry_breaking",

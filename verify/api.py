@@ -15,7 +15,7 @@ import time
 import torch
 from torch import nn
 
-from .context import DEFAULT_TOLERANCE, Comparison
+from .context import Comparison
 from .identity import identity_check
 from .report import GrowthReport
 from .rope import rope_check
@@ -53,7 +53,7 @@ def run_growth_checks(
     probe: torch.Tensor | None = None,
     device: torch.device | str | None = None,
     scale_factor: int | None = 2,
-    tolerance: float = DEFAULT_TOLERANCE,
+    tolerance: float | None = None,
     *,
     min_divergence: float = DEFAULT_MIN_DIVERGENCE,
     collapse_share: float = DEFAULT_COLLAPSE_SHARE,
@@ -73,7 +73,8 @@ def run_growth_checks(
         scale_factor: the width scale expected (2 by default; 1 for depth-only growth or
             upcycling; None reads it from the models). A mismatch fails the RoPE check's
             structure part.
-        tolerance: relative tolerance: ``max|diff| <= tolerance * max|reference|``.
+        tolerance: relative tolerance: ``max|diff| <= tolerance * max|reference|``; None:
+            1e-4 for float32 models, 0.05 for float16, 0.25 for bfloat16 (``DTYPE_TOLERANCES``).
         min_divergence: twins at or below this relative divergence count as identical.
         collapse_share: share of routing slots on the top_k busiest experts that counts as collapse.
 
@@ -114,7 +115,7 @@ def detailed_growth_check(
     probe: torch.Tensor | None,
     device: torch.device | str | None,
     scale_factor: int | None = 2,
-    tolerance: float = DEFAULT_TOLERANCE,
+    tolerance: float | None = None,
     **kwargs,
 ) -> bool:
     """Run the four checks on ``device``, print the text report, return True if none failed.
@@ -133,7 +134,7 @@ def verify_functional_equivalence(
     probe: torch.Tensor | None = None,
     device: torch.device | str | None = None,
     *,
-    tolerance: float = DEFAULT_TOLERANCE,
+    tolerance: float | None = None,
     verbose: bool = False,
 ) -> GrowthReport:
     """The dense -> MoE step: layerwise hidden states and logits at scale 1.

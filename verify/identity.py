@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .context import DEFAULT_TOLERANCE, TOLERANCE_RULE, Comparison
+from .context import TOLERANCE_RULE, Comparison
 from .pairing import IDENTITY
 from .report import FAILED, PASSED, SKIPPED, CheckResult
 from .stats import abs_stats, diff_stats, relative
@@ -162,7 +162,7 @@ def check_functional_identity_layerwise(
     new_model: nn.Module,
     probe: torch.Tensor | None = None,
     scale_factor: int | None = None,
-    tolerance: float = DEFAULT_TOLERANCE,
+    tolerance: float | None = None,
 ) -> CheckResult:
     """Embedding, every layer's hidden state and the logits against the tiled source.
 
@@ -171,7 +171,8 @@ def check_functional_identity_layerwise(
         probe: [B, T] token ids (default: a seeded random [2, 16] probe).
         scale_factor: expected width scale (None: measured). The comparison always uses
             the measured one; a mismatch is reported by the RoPE check's structure part.
-        tolerance: relative: ``max|diff| <= tolerance * max|reference|`` per layer.
+        tolerance: relative: ``max|diff| <= tolerance * max|reference|`` per layer; None:
+            by the models' dtype (``default_tolerance``).
 
     Returns:
         A :class:`CheckResult` named ``functional_identity``.

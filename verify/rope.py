@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .context import DEFAULT_TOLERANCE, Comparison
+from .context import Comparison
 from .report import FAILED, PASSED, SKIPPED, CheckResult
 
 NAME, TITLE = "rope_integrity", "RoPE integrity"
@@ -206,7 +206,7 @@ def check_rope_integrity(
     probe: torch.Tensor | None = None,
     *,
     scale_factor: int | None = None,
-    tolerance: float = DEFAULT_TOLERANCE,
+    tolerance: float | None = None,
 ) -> CheckResult:
     """Check head structure and position-by-position attention outputs (see module doc).
 
@@ -215,7 +215,8 @@ def check_rope_integrity(
         new_model: the grown model.
         probe: [B, T] token ids with T >= 2 (default: a seeded random [2, 16] probe).
         scale_factor: the width scale expected (None: read from the models' d_model).
-        tolerance: relative tolerance (max|diff| <= tolerance * max|old attention output|).
+        tolerance: relative tolerance (max|diff| <= tolerance * max|old attention output|);
+            None: by the models' dtype (``default_tolerance``).
 
     Returns:
         A :class:`CheckResult` named ``rope_integrity``.

@@ -25,7 +25,7 @@ import math
 import torch
 from torch import nn
 
-from .context import DEFAULT_TOLERANCE, Comparison
+from .context import Comparison
 from .pairing import ORIGINAL
 from .report import FAILED, PASSED, SKIPPED, CheckResult
 from .stats import abs_stats, diff_stats, relative
@@ -228,7 +228,7 @@ def check_router_scaling(
     new_model: nn.Module,
     probe: torch.Tensor | None = None,
     scale_factor: int | None = None,
-    tolerance: float = DEFAULT_TOLERANCE,
+    tolerance: float | None = None,
     *,
     collapse_share: float = DEFAULT_COLLAPSE_SHARE,
 ) -> CheckResult:
@@ -239,7 +239,8 @@ def check_router_scaling(
         probe: [B, T] token ids (default: a seeded random [2, 16] probe).
         scale_factor: the width scale (None: read from the models). An undivided router
             shows a magnitude ratio of about this number.
-        tolerance: relative tolerance on the logits.
+        tolerance: relative tolerance on the logits; None: by the models' dtype
+            (``default_tolerance``).
         collapse_share: a layer whose top_k busiest experts take at least this fraction of
             the routing slots (and did not in the source) has collapsed.
 
