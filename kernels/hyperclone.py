@@ -134,6 +134,7 @@ def _empty(shape, dtype, device) -> torch.Tensor:
 # --------------------------------------------------------------------------------------
 # Torch reference
 # --------------------------------------------------------------------------------------
+@torch.no_grad()
 def naive_hyperclone(
     weight: torch.Tensor,
     out_repeat: int,
@@ -229,6 +230,7 @@ def _torch_threads(n: int):
         torch.set_num_threads(old)
 
 
+@torch.no_grad()
 def _hyperclone_cpu(
     weight, out_repeat, in_repeat, *, noise_std, noise, seed, divide, rows_per_chunk=None, workers=None
 ):
@@ -444,6 +446,7 @@ def _hyperclone_triton(
 # --------------------------------------------------------------------------------------
 # Public entry point
 # --------------------------------------------------------------------------------------
+@torch.no_grad()
 def hyperclone(
     weight: torch.Tensor,
     out_repeat: int,
@@ -473,7 +476,8 @@ def hyperclone(
         backend: ``"auto"``, ``"triton"`` or ``"torch"``; None reads ``GROWKIT_BACKEND``.
 
     Returns:
-        [r_o*O], [r_o*O, r_i*I] or [E, r_o*O, r_i*I], contiguous, in ``weight``'s dtype.
+        [r_o*O], [r_o*O, r_i*I] or [E, r_o*O, r_i*I], contiguous, in ``weight``'s dtype; a
+        new tensor outside autograd (an ``nn.Parameter`` may be passed).
     """
     out_repeat, in_repeat = _check_args(weight, out_repeat, in_repeat, noise_std, noise, seed)
     kwargs = dict(noise_std=float(noise_std), noise=noise, seed=seed, divide=divide)

@@ -98,6 +98,15 @@ def test_hyperclone_cpu_path_matches_reference_bitwise(poison_empty, dtype, shap
     assert_bitwise_equal(w, before)  # the source is never written (float32's .float() is itself)
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("noise_std", [0.0, 1e-3])
+def test_hyperclone_of_a_parameter_is_a_plain_tensor(backend, noise_std):
+    p = torch.nn.Parameter(rand_weight((24, 32), torch.float32))
+    out = hyperclone(p, 2, 2, noise_std=noise_std, seed=1, backend=backend)
+    assert not out.requires_grad
+    assert_bitwise_equal(out, naive_hyperclone(p.detach(), 2, 2, noise_std=noise_std, seed=1))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_hyperclone_cpu_path_noncontiguous_views(poison_empty, dtype):
     base = rand_weight((52, 76), dtype)
