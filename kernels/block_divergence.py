@@ -67,9 +67,13 @@ def naive_block_divergence(x: torch.Tensor, groups: int, dim: int = 0) -> BlockD
     if x3.numel() == 0:
         z = x3.new_zeros(groups)
         return BlockDivergence(z, z.clone(), z.clone())
-    diff = torch.nan_to_num((x3 - x3[:, :1]).abs(), nan=float("inf"))
+    # NOTE: NaN mapped to inf on the [G] results (amax and mean propagate NaN), not by a
+    # nan_to_num pass over the whole difference, as in naive_layer_diff_stats.
+    diff = (x3 - x3[:, :1]).abs_()
+    mx, mean = diff.amax(dim=(0, 2)), diff.mean(dim=(0, 2))
+    inf = torch.full((), float("inf"), device=mx.device)
     return BlockDivergence(
-        diff.amax(dim=(0, 2)), diff.mean(dim=(0, 2)), x3.abs().mean(dim=(0, 2))
+        torch.where(mx.isnan(), inf, mx), torch.where(mean.isnan(), inf, mean), x3.abs().mean(dim=(0, 2))
     )
 
 

@@ -68,14 +68,28 @@ def _check(old, new) -> tuple[torch.Tensor, torch.Tensor, int]:
 
 
 def naive_layer_diff_stats(old, new) -> LayerDiffStats:
-    """Eager reference: materializes the tiled difference."""
+    """Eager reference: one layer at a time, the tiled difference materialized per layer.
+
+    NOTE: per layer, and NaN mapped to inf on the [L] results rather than on the
+    differences: the first version (all layers at once, ``nan_to_num`` over the whole
+    difference) measured 3x slower than a plain per-layer loop on the CPU (136 vs 45 ms
+    for 12 layers of [2048, 512] x2; now on par with it). ``amax`` and ``mean`` propagate NaN, so a layer with a
+    NaN difference still reports inf.
+    """
     old, new, s = _check(old, new)
     L, d = old.shape[0], old.shape[-1]
-    diff = (new.float().reshape(L, -1, s, d) - old.float().reshape(L, -1, 1, d)).abs()
-    diff = torch.nan_to_num(diff, nan=float("inf")).reshape(L, -1)
-    if diff.shape[1] == 0:
-        return LayerDiffStats(diff.new_zeros(L), diff.new_zeros(L))
-    return LayerDiffStats(diff.amax(dim=1), diff.mean(dim=1))
+    old3, new3 = old.reshape(L, -1, d), new.reshape(L, -1, s * d)
+    if old3.shape[1] == 0:
+        z = torch.zeros(L, dtype=torch.float32, device=old.device)
+        return LayerDiffStats(z, z.clone())
+    maxes, means = [], []
+    for o, n in zip(old3, new3):
+        diff = (n.view(-1, s, d).float() - o.float().unsqueeze(1)).abs_()
+        maxes.append(diff.amax())
+        means.append(diff.mean())
+    mx, mean = torch.stack(maxes), torch.stack(means)
+    inf = torch.full((), float("inf"), device=mx.device)
+    return LayerDiffStats(torch.where(mx.isnan(), inf, mx), torch.where(mean.isnan(), inf, mean))
 
 
 def layer_diff_stats(old, new, *, backend: str | None = None) -> LayerDiffStats:

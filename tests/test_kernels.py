@@ -372,7 +372,9 @@ def test_layer_diff_stats_finds_the_corrupted_layer_and_replica(backend):
     assert stats.max_diff[3].item() == pytest.approx(0.5, rel=1e-6)
     assert stats.mean_diff[3].item() == pytest.approx(0.5 / (4 * 16 * 3), rel=1e-5)
     new[1, 0, 0] = float("nan")
-    assert math.isinf(layer_diff_stats(old, new, backend=backend).max_diff[1].item())
+    stats = layer_diff_stats(old, new, backend=backend)
+    assert math.isinf(stats.max_diff[1].item()) and math.isinf(stats.mean_diff[1].item())
+    assert not torch.isinf(stats.max_diff[[0, 2, 4]]).any()  # the other layers keep finite figures
 
 
 @needs_triton
@@ -432,6 +434,10 @@ def test_block_divergence_tells_clones_from_diverged(backend):
     assert res.max_diff[0] == 0 and res.max_diff[2] == 0
     assert res.max_diff[1].item() == pytest.approx(0.25)
     assert res.mean_diff[1].item() == pytest.approx(0.25 / 80)
+    clones[16 + 1, 3] = float("nan")  # a NaN in block 2 counts as an infinite difference
+    res = block_divergence(clones, 3, 0, backend=backend)
+    assert math.isinf(res.max_diff[2].item()) and math.isinf(res.mean_diff[2].item())
+    assert math.isfinite(res.max_diff[1].item()) and res.max_diff[0] == 0
 
 
 def test_block_divergence_bad_input():
