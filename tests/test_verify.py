@@ -151,6 +151,9 @@ def test_width_growth_passes_with_figures(width_report):
     # every layer's attention (q, k, v, o) and MLP (gate, up, down), plus the LM head
     assert sym.figures["tensors_judged"] == 2 * 7 + 1
     assert sym.figures["min_weight_rel_div"] > 1e-5
+    least = sym.figures["least_diverged"]
+    assert max(least["weight_rel_div"], least["grad_rel_div"]) > sym.tolerance
+    assert "least diverged: " in sym.summary and "0.00e+00" not in sym.summary
     assert "dense" in width_report["router_scaling"].summary
 
 
@@ -278,6 +281,40 @@ def test_router_check_catches_undivided_router(moe, moe_width, probe):
     assert result.where == "layer 0 (router)"
     assert result.figures["magnitude_ratio_new_over_old"][0] == pytest.approx(2.0, rel=1e-4)
     assert "not divided" in result.cause
+
+
+def _collapsed_moe() -> Transformer:
+    """A MoE model whose routers send every token to experts 0 and 1 (a trained-in collapse)."""
+    model = randomize_(Transformer(tiny_config(n_experts=4, top_k=2, d_ff=16)), seed=4)
+    with torch.no_grad():
+        model.embed.weight[:, 0] = 20.0  # every hidden state carries a large positive dim 0
+        for block in model.layers:
+            block.mlp_norm.weight[0] = 5.0
+            block.mlp.router.weight[:, 0] = torch.tensor([4.0, 3.0, -3.0, -4.0])
+    return model
+
+
+def test_router_check_does_not_blame_growth_for_a_collapse_in_the_source(probe):
+    old = _collapsed_moe()
+    old_share = check_router_scaling(old, old, probe, 1).table[0]["topk_share_new"]
+    assert old_share >= 0.9  # the source's routing had collapsed before any growth
+    # identity layers copy the collapsed routers: the same routing, not a growth bug
+    new = grow_depth(old, 2, mode="identity", positions=[0, 1])
+    result = check_router_scaling(old, new, probe, 1)
+    assert result.status == PASSED, result.summary
+    copies = [r for r in result.table if r["source"].startswith("identity")]
+    assert len(copies) == 2 and all(r["topk_share_new"] >= 0.9 for r in copies)
+    # a copy whose routing collapses where the layer it copies did not still fails: layer
+    # 0 adds a large dim 0 to its output, which its own router never sees, but its copy does
+    src = randomize_(Transformer(tiny_config(n_experts=4, top_k=2, d_ff=16)), seed=4)
+    with torch.no_grad():
+        src.layers[0].mlp.experts.down_bias[:, 0] = 30.0
+        src.layers[0].mlp_norm.weight[0] = 5.0
+        src.layers[0].mlp.router.weight[:, 0] = torch.tensor([4.0, 3.0, -3.0, -4.0])
+    assert check_router_scaling(src, src, probe, 1).table[0]["topk_share_new"] < 0.9
+    result = check_router_scaling(src, grow_depth(src, 1, mode="identity", positions=[0]), probe, 1)
+    assert result.status == FAILED and result.diagnosis == "routing_collapsed"
+    assert [r["layer"] for r in result.table if r["status"] == "COLLAPSED"] == [1]
 
 
 def test_router_check_skips_dense_models(width_pair, probe):

@@ -6,7 +6,8 @@ the probe (normalized entropy of the top-k assignment, share of tokens sent to t
 busiest expert, share of routing slots taken by the k busiest experts), so a collapse is
 seen, not inferred: a layer collapses when its k busiest experts take at least
 ``collapse_share`` (0.9) of the slots (k/E when uniform, 1 when every token goes to the same
-k experts) and did not in the source.
+k experts) and did not in the source (for a new identity layer or stacked copy: in the old
+layer whose router it copies).
 
 The router's input is the tiled hidden state, so a widened router must be [W/s, ..., W/s];
 copied undivided, every logit is multiplied by s (ratio ~ s), the softmax sharpens and
@@ -112,7 +113,9 @@ def router_check(ctx: Comparison, collapse_share: float = DEFAULT_COLLAPSE_SHARE
                  entropy_old=None, entropy_new=new_load[j]["entropy"],
                  busiest_new=new_load[j]["busiest_share"], topk_share_old=None,
                  topk_share_new=new_load[j]["topk_share"], status="")
-        if p is not None and p.old in old_load and p.kind == ORIGINAL:
+        if p is not None and p.old in old_load:
+            # for an identity layer or a stacked copy: the old layer whose router it copies,
+            # so a collapse the source had already trained in is not blamed on the growth
             r["entropy_old"] = old_load[p.old]["entropy"]
             r["topk_share_old"] = old_load[p.old]["topk_share"]
         table.append(r)

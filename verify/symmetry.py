@@ -209,11 +209,21 @@ def symmetry_check(model: nn.Module, run: ProbeRun, scale: int, *, expert_twins:
         summary = f"{len(failing)} of {len(judged_rows)} cloned tensors have identical twins (weights and gradients)"
         return CheckResult(NAME, TITLE, FAILED, summary, min_divergence, RULE, figures, table, columns,
                            diagnosis="noise_too_small", cause=cause, where=where, notes=notes, details=rows)
-    summary = (
-        f"all {len(judged_rows)} cloned tensors have twins that differ in weights or gradients "
-        f"(min relative divergence: weights {figures['min_weight_rel_div']:.2e}, "
-        f"gradients {figures['min_grad_rel_div']:.2e})"
-    )
+    # NOTE: a tensor passes on its weights or on its gradients, so name the least diverged
+    # tensor by the larger of its two: the separate minima (weights 0 for a tensor whose
+    # gradients differ) read like a failure.
+    least = min(judged_rows, key=lambda r: max(r["weight_rel_div"], r.get("grad_rel_div", 0.0)), default=None)
+    if least is None:
+        summary = "no cloned tensor to judge"
+    else:
+        figures["least_diverged"] = dict(role=least["role"], layer=least["layer"],
+                                         weight_rel_div=least["weight_rel_div"], grad_rel_div=least.get("grad_rel_div", 0.0))
+        where_least = "global" if least["layer"] is None else f"layer {least['layer']}"
+        summary = (
+            f"all {len(judged_rows)} cloned tensors have twins that differ in weights or gradients "
+            f"(least diverged: {least['role']} in {where_least}, relative divergence of weights "
+            f"{least['weight_rel_div']:.2e}, of gradients {least.get('grad_rel_div', 0.0):.2e})"
+        )
     return CheckResult(NAME, TITLE, PASSED, summary, min_divergence, RULE, figures, table, columns,
                        notes=notes, details=rows)
 
