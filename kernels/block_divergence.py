@@ -18,6 +18,7 @@ from typing import NamedTuple
 import torch
 
 from .backend import HAS_TRITON, use_triton
+from .paired_diff import nan_as_inf
 
 if HAS_TRITON:
     from .paired_diff import paired_diff_triton
@@ -67,13 +68,9 @@ def naive_block_divergence(x: torch.Tensor, groups: int, dim: int = 0) -> BlockD
     if x3.numel() == 0:
         z = x3.new_zeros(groups)
         return BlockDivergence(z, z.clone(), z.clone())
-    # NOTE: NaN mapped to inf on the [G] results (amax and mean propagate NaN), not by a
-    # nan_to_num pass over the whole difference, as in naive_layer_diff_stats.
     diff = (x3 - x3[:, :1]).abs_()
-    mx, mean = diff.amax(dim=(0, 2)), diff.mean(dim=(0, 2))
-    inf = torch.full((), float("inf"), device=mx.device)
     return BlockDivergence(
-        torch.where(mx.isnan(), inf, mx), torch.where(mean.isnan(), inf, mean), x3.abs().mean(dim=(0, 2))
+        nan_as_inf(diff.amax(dim=(0, 2))), nan_as_inf(diff.mean(dim=(0, 2))), x3.abs().mean(dim=(0, 2))
     )
 
 

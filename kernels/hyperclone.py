@@ -263,6 +263,7 @@ def _hyperclone_cpu(
     # (u - 127.5) / (D / 2) == (2u - 255) / D exactly: both scaled by a power of two.
     half_div = np.float32(noise_div / 2)
     nd = np.float32(noise_div)
+    divisor_t = _divisor_tensor(divisor, "cpu") if divisor != 1 else None
     local = threading.local()
 
     def workspace(n):
@@ -278,8 +279,8 @@ def _hyperclone_cpu(
         n = min(O, r0 + rows_per_chunk) - r0
         w, y, noise_f, bits, tmp = workspace(n)
         w.copy_(w3[e, r0:r0 + n])
-        if divisor != 1:
-            torch.div(w, _divisor_tensor(divisor, w.device), out=w)
+        if divisor_t is not None:
+            torch.div(w, divisor_t, out=w)
         w_np, y_np = w.numpy(), y.numpy()
         for a in range(out_repeat):
             start = e * (out_repeat * O * row_len) + (a * O + r0) * row_len

@@ -21,6 +21,16 @@ import torch
 
 from .backend import HAS_TRITON
 
+
+def nan_as_inf(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with NaN replaced by +inf: the torch references' side of the NaN rule above.
+
+    The references reduce first (``amax`` and ``mean`` propagate NaN) and map the small
+    result, rather than running ``nan_to_num`` over the whole difference.
+    """
+    return torch.where(t.isnan(), torch.full((), float("inf"), device=t.device), t)
+
+
 if HAS_TRITON:
     import triton
     import triton.language as tl
