@@ -5,21 +5,27 @@ One table of parameter roles (``roles.py``) drives every operator; an adapter
 (``adapters.py``) maps an architecture's parameter names to those roles.
 """
 
-from .adapters import ReferenceAdapter, get_adapter, register_adapter
+from .adapters import FamilyAdapter, get_adapter, register_adapter, register_family, supported_families
+from .families import FAMILIES, QUIRKS, Family, Fused
 from .bilateral import scale_bilaterally
 from .depth import default_positions, grow_depth
-from .moe import DEFAULT_ROUTER_STD, upcycle_to_moe
+from .moe import DEFAULT_ROUTER_STD, upcycle_to_moe, upcycling_pairs
 from .optimizer import transfer_adam_state
 from .records import GrowthRecord, Source
+from .saving import load_grown, load_growth_records, save_grown
 from .roles import ROLE_RULES, ParamRole, Role, RoleRule
 from .width import grow_width, hyperclone_weight
 
 __all__ = [
     "DEFAULT_ROUTER_STD",
+    "FAMILIES",
+    "Family",
+    "FamilyAdapter",
+    "Fused",
+    "QUIRKS",
     "GrowthRecord",
     "ParamRole",
     "ROLE_RULES",
-    "ReferenceAdapter",
     "Role",
     "RoleRule",
     "Source",
@@ -28,7 +34,13 @@ __all__ = [
     "grow_depth",
     "grow_width",
     "hyperclone_weight",
+    "load_grown",
+    "load_growth_records",
     "register_adapter",
+    "register_family",
+    "supported_families",
+    "upcycling_pairs",
+    "save_grown",
     "scale_bilaterally",
     "transfer_adam_state",
     "upcycle_to_moe",

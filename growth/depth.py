@@ -88,6 +88,21 @@ def layer_plan(n_layers: int, extra_layers: int, mode: str, positions: list[int]
     return plan
 
 
+def deepen_config(adapter, config, plan: list[tuple[int, str]]):
+    """The config of a model whose layer j copies source layer ``plan[j][0]``: the layer
+    count, and every per-layer choice (``layer_types``; which layers are MoE) taken from
+    the layer each new one copies."""
+    updates = {"n_layers": len(plan)}
+    layer_types = adapter.cfg(config, "layer_types")
+    if layer_types is not None:
+        updates["layer_types"] = [layer_types[src] for src, _ in plan]
+    sparse = adapter.sparse_layers(config)
+    if sparse is not None:
+        updates["sparse_step"] = 1
+        updates["dense_layers"] = [j for j, (src, _) in enumerate(plan) if not sparse[src]]
+    return adapter.config_with(config, **updates)
+
+
 @torch.no_grad()
 def grow_depth(
     model: nn.Module,
@@ -116,9 +131,9 @@ def grow_depth(
     positions = check_depth_args(extra_layers, mode, positions, n_layers)
     roles = adapter.param_roles(model)
     plan = layer_plan(n_layers, extra_layers, mode, positions)
-    new_config = adapter.deepen_config(model, len(plan))
+    new_config = deepen_config(adapter, model.config, plan)
 
-    source_state = model.state_dict()
+    source_state = adapter.role_state(model)
     by_layer: dict[int, list[str]] = {}
     state, sources = {}, {}
     for name, pr in roles.items():
@@ -127,6 +142,8 @@ def grow_depth(
             sources[name] = Source("copy", pr.role, name)
         else:
             by_layer.setdefault(pr.layer, []).append(name)
+    if adapter.tied(model):
+        adapter.retie(roles, state)
     for new_layer, (src_layer, kind) in enumerate(plan):
         for name in by_layer.get(src_layer, []):
             pr = roles[name]
@@ -138,8 +155,7 @@ def grow_depth(
             else:
                 state[new_name] = t.clone()
                 sources[new_name] = Source("identity_copy" if kind == "identity" else "copy", pr.role, name)
-    grown = adapter.build(new_config, state)
-    grown.train(model.training)
+    grown = adapter.build(new_config, state, like=model)
     preserving = mode == "identity" or extra_layers == 0
     attach_records(grown, [GrowthRecord(
         "depth",

@@ -25,7 +25,8 @@ import math
 import torch
 from torch import nn
 
-from .adapters import get_adapter
+from .adapters import ADAPTERS, get_adapter
+from .families import FAMILIES
 from .records import GrowthRecord, Source, attach_records
 from .roles import ROLE_RULES, Role
 
@@ -53,6 +54,46 @@ def _check(n_experts, top_k, router_std, expert_noise_std, seed, norm_topk_prob)
         )
 
 
+# what a dense MLP tensor becomes in a shared expert (quirk "shared_expert"): its gate and
+# up projections are copied, its down projection zeroed, so it adds 0 at first
+SHARED = {Role.MLP_GATE: Role.SHARED_GATE, Role.MLP_UP: Role.SHARED_UP, Role.MLP_DOWN: Role.SHARED_DOWN}
+
+
+def upcycling_pairs() -> list[str]:
+    """``"dense -> moe"`` for every family with an MoE sibling."""
+    return [f"{f.name} -> {f.moe_sibling}" for f in FAMILIES.values() if f.moe_sibling and f.kind == "hf"]
+
+
+def target_adapter(adapter):
+    """The adapter of the family a dense model of ``adapter``'s family is upcycled into."""
+    sibling = adapter.family.moe_sibling
+    if sibling is None or sibling not in FAMILIES:
+        raise ValueError(
+            f"MoE upcycling of a {adapter.name!r} model: its family has no MoE sibling in growkit's "
+            f"table (moe_sibling). Supported pairs: {', '.join(upcycling_pairs())}, and growkit's "
+            "reference model."
+        )
+    return adapter if sibling == adapter.name else next(a for a in ADAPTERS if a.name == sibling)
+
+
+def moe_config(adapter, target, model: nn.Module, n_experts: int, top_k: int, norm_topk_prob: bool):
+    """The target family's config for the upcycled model: the source's settings that the
+    target's config knows, carried over untouched, plus the MoE fields."""
+    fields = dict(n_experts=n_experts, top_k=top_k, norm_topk_prob=norm_topk_prob,
+                  moe_d_ff=adapter.cfg(model, "d_ff"), shared_d_ff=adapter.cfg(model, "d_ff"),
+                  sparse_step=1, dense_layers=[])
+    fields = {k: v for k, v in fields.items() if target.has(k)}
+    if not target.is_hf:
+        return target.config_with(model.config, **fields)
+    from transformers import AutoConfig
+
+    known = AutoConfig.for_model(target.name).to_dict()
+    skip = {"model_type", "architectures", "transformers_version", "_name_or_path"}
+    kwargs = {k: v for k, v in model.config.to_dict().items() if k in known and k not in skip}
+    kwargs.update({target.family.config[k]: v for k, v in fields.items()})
+    return AutoConfig.for_model(target.name, **kwargs)
+
+
 @torch.no_grad()
 def upcycle_to_moe(
     model: nn.Module,
@@ -66,6 +107,11 @@ def upcycle_to_moe(
 ) -> nn.Module:
     """Turn every dense MLP into ``n_experts`` copies behind a fresh top-``top_k`` router.
 
+    A ``transformers`` model becomes its family's MoE sibling (Llama and Mistral ->
+    Mixtral, Qwen2 -> Qwen2-MoE, Qwen3 -> Qwen3-MoE; ``upcycling_pairs()``); the reference
+    model stays a ``growkit.models.Transformer``. A Qwen2-MoE shared expert starts as a copy
+    of the dense MLP with its down projection and its gate zeroed: it adds exactly 0.
+
     Args:
         model: a dense model (left untouched; nothing is shared with it).
         n_experts: experts per layer, >= 2.
@@ -74,55 +120,91 @@ def upcycle_to_moe(
         expert_noise_std: i.i.d. noise added to each expert copy so experts differ from
             the start. Any value > 0 changes the function slightly (default 0: exact).
         seed: seeds the router and the expert noise.
-        norm_topk_prob: renormalize the top-k weights; None keeps the model config's.
+        norm_topk_prob: renormalize the top-k weights; None: the model config's (reference
+            model), else True. A target that always renormalizes (Mixtral) refuses False.
 
     Returns:
         The MoE model; exact for ``norm_topk_prob=True`` (or ``top_k == n_experts``)
         and ``expert_noise_std == 0``.
     """
     adapter = get_adapter(model, "MoE upcycling")
+    target = target_adapter(adapter)
+    always = "renormalized_topk" in target.family.quirks
     if norm_topk_prob is None:
-        norm_topk_prob = getattr(model.config, "norm_topk_prob", True)
+        norm_topk_prob = bool(adapter.cfg(model, "norm_topk_prob", True)) if not always else True
+    elif always and norm_topk_prob is not True:
+        raise ValueError(f"norm_topk_prob=False: {target.name} always renormalizes its top-k weights; pass None or True")
+    if not always and not target.has("norm_topk_prob"):
+        norm_topk_prob = False  # a target that never renormalizes
     _check(n_experts, top_k, router_std, expert_noise_std, seed, norm_topk_prob)
     if adapter.is_moe(model):
         raise ValueError("model is already a mixture of experts: upcycle_to_moe takes a dense model")
     roles = adapter.param_roles(model)
-    new_config = adapter.moe_config(model, n_experts, top_k, norm_topk_prob)
+    source = adapter.role_state(model)
+    shared = "shared_expert" in target.family.quirks
+    # every tensor's new name, checked before anything is allocated
+    plan = {}
+    for name, pr in roles.items():
+        expert_role = pr.rule.expert_role
+        if expert_role is None:
+            if target.role_of(name) is not pr.role:
+                raise ValueError(
+                    f"{name} ({pr.role.value}) has no counterpart in {target.name}: the {adapter.name} "
+                    f"model uses a feature its MoE sibling lacks (e.g. attention or MLP biases)"
+                )
+            plan[name] = None
+        else:
+            if not target.has_role(expert_role):
+                raise ValueError(
+                    f"{name} ({pr.role.value}) would become {expert_role.value}, which {target.name} "
+                    "lacks (e.g. expert biases): this model cannot be upcycled into it exactly"
+                )
+            plan[name] = target.tensor_name(expert_role, pr.layer)
+    new_config = moe_config(adapter, target, model, n_experts, top_k, norm_topk_prob)
 
     # Random draws on the CPU in float32, so one seed gives one model on any device/dtype.
     gen = torch.Generator().manual_seed(seed)
     state, sources = {}, {}
-    routers: dict[int, str] = {}
-    for name, tensor in model.state_dict().items():
-        pr = roles[name]
-        expert_role = ROLE_RULES[pr.role].expert_role
-        if expert_role is None:
+    routers: dict[int, torch.Tensor] = {}
+    for name, pr in roles.items():
+        tensor = source[name]
+        if plan[name] is None:
             state[name] = tensor.clone()
             sources[name] = Source("copy", pr.role, name)
             continue
+        expert_role = pr.rule.expert_role
         stacked = tensor.unsqueeze(0).expand(n_experts, *tensor.shape).clone()
         if expert_noise_std > 0:
             noise = torch.randn(stacked.shape, generator=gen) * expert_noise_std
             stacked += noise.to(stacked.dtype).to(stacked.device)
-        new_name = adapter.expert_name(name)
-        state[new_name] = stacked
-        sources[new_name] = Source("experts", expert_role, name, n_experts=n_experts)
+        state[plan[name]] = stacked
+        sources[plan[name]] = Source("experts", expert_role, name, n_experts=n_experts)
         if pr.role is Role.MLP_GATE:
-            routers[pr.layer] = new_name
-    for layer, gate_name in sorted(routers.items()):
-        gate = state[gate_name]
+            routers[pr.layer] = tensor
+        if shared and pr.role in SHARED:
+            shared_name = target.tensor_name(SHARED[pr.role], pr.layer)
+            writes = ROLE_RULES[SHARED[pr.role]].writes_residual
+            state[shared_name] = torch.zeros_like(tensor) if writes else tensor.clone()
+            sources[shared_name] = Source("zero" if writes else "copy", SHARED[pr.role], name)
+    for layer, gate in sorted(routers.items()):
         d_model = gate.shape[-1]
         router = (torch.randn(n_experts, d_model, generator=gen) * router_std).to(gate.dtype).to(gate.device)
-        name = adapter.router_name(layer)
+        name = target.tensor_name(Role.ROUTER, layer)
         state[name] = router
         sources[name] = Source("fresh", Role.ROUTER, None, shape=tuple(router.shape))
-    moe = adapter.build(new_config, state)
-    moe.train(model.training)
+        if shared:
+            name = target.tensor_name(Role.SHARED_EXPERT_GATE, layer)
+            state[name] = torch.zeros(1, d_model, dtype=gate.dtype, device=gate.device)
+            sources[name] = Source("fresh", Role.SHARED_EXPERT_GATE, None, shape=(1, d_model))
+    if adapter.tied(model):
+        target.retie(roles, state)
+    moe = target.build(new_config, state, like=model)
     attach_records(moe, [GrowthRecord(
         "moe",
-        dict(n_experts=n_experts, top_k=top_k, router_std=router_std,
-             expert_noise_std=expert_noise_std, seed=seed, norm_topk_prob=norm_topk_prob),
+        dict(n_experts=n_experts, top_k=top_k, router_std=router_std, expert_noise_std=expert_noise_std,
+             seed=seed, norm_topk_prob=norm_topk_prob, family=target.name),
         sources,
         function_preserving=expert_noise_std == 0,
+        notes=["shared expert: dense MLP copied, down projection and gate zeroed (adds 0 at first)"] if shared else [],
     )])
     return moe

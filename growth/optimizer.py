@@ -37,6 +37,9 @@ def transfer_adam_state(
         raise ValueError(
             "new_model has no growth_records: pass the model a growkit growth operator returned"
         )
+    from .adapters import get_adapter
+
+    old_adapter, new_adapter = get_adapter(old_model, "optimizer-state transfer"), get_adapter(new_model)
     old_state = old_optimizer.state
     first, second, steps = {}, {}, []
     for name, p in old_model.named_parameters():
@@ -47,9 +50,13 @@ def transfer_adam_state(
         steps.append(st["step"])
     if not first:
         return 0
+    # growth records name tensors by role (the parts of fused tensors): split, map, re-fuse
+    first, second = old_adapter.split(old_model, first), old_adapter.split(old_model, second)
     for record in records:
         first = {k: v for k, v in record.map_tensors(first, moment=1).items() if v is not None}
         second = {k: v for k, v in record.map_tensors(second, moment=2).items() if v is not None}
+    first = new_adapter.fuse(first, skip_incomplete=True)
+    second = new_adapter.fuse(second, skip_incomplete=True)
     step = max(steps, key=lambda s: float(s))
     new_params = dict(new_model.named_parameters())
     managed = {id(p) for group in new_optimizer.param_groups for p in group["params"]}

@@ -86,6 +86,40 @@ class GrowthRecord:
                 raise ValueError(f"unknown source kind {src.kind!r}")
         return out
 
+    def to_dict(self) -> dict:
+        """A JSON-ready dict (``from_dict`` reads it back)."""
+        return dict(
+            op=self.op,
+            settings=dict(self.settings),
+            function_preserving=self.function_preserving,
+            notes=list(self.notes),
+            layer_map=None if self.layer_map is None else [[int(a), str(k)] for a, k in self.layer_map],
+            sources={
+                name: dict(kind=s.kind, role=s.role.value, name=s.name, scale=s.scale,
+                           n_experts=s.n_experts, shape=list(s.shape))
+                for name, s in self.sources.items()
+            },
+        )
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "GrowthRecord":
+        """Read a record written by :meth:`to_dict` (ValueError naming what is malformed)."""
+        try:
+            sources = {
+                str(name): Source(
+                    kind=str(s["kind"]), role=Role(s["role"]), name=None if s["name"] is None else str(s["name"]),
+                    scale=int(s["scale"]), n_experts=int(s["n_experts"]), shape=tuple(int(x) for x in s["shape"]),
+                )
+                for name, s in data["sources"].items()
+            }
+            layer_map = data.get("layer_map")
+            if layer_map is not None:
+                layer_map = [(int(a), str(k)) for a, k in layer_map]
+            return cls(str(data["op"]), dict(data["settings"]), sources, layer_map,
+                       bool(data["function_preserving"]), [str(n) for n in data.get("notes", [])])
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ValueError(f"malformed growth record: {type(exc).__name__}: {exc}") from None
+
     def summary(self) -> str:
         kinds: dict[str, int] = {}
         for s in self.sources.values():

@@ -28,7 +28,9 @@ from dataclasses import dataclass
 from enum import Enum
 
 WIDENED_DIMS = frozenset({"model", "heads", "kv_heads", "ff"})
-DIM_KINDS = WIDENED_DIMS | {"vocab", "experts"}
+# kept under width growth: the token set, the expert count, the per-head width (RoPE's
+# domain), and a dim of size one (Qwen2-MoE's shared-expert gate has one output)
+DIM_KINDS = WIDENED_DIMS | {"vocab", "experts", "head_dim", "one"}
 
 
 class Role(str, Enum):
@@ -56,6 +58,17 @@ class Role(str, Enum):
     EXPERT_UP_BIAS = "expert_up_bias"
     EXPERT_DOWN_BIAS = "expert_down_bias"
     LM_HEAD = "lm_head"
+    # q/k norms over head_dim (Qwen3, Gemma3): kept, since head_dim is kept
+    Q_HEAD_NORM = "q_head_norm"
+    K_HEAD_NORM = "k_head_norm"
+    # q/k norms over the whole projection (OLMo2): the RMS of [q, q] is that of q: tiled
+    Q_NORM = "q_norm"
+    K_NORM = "k_norm"
+    # a shared expert beside the routed ones (Qwen2-MoE) and its sigmoid gate [1, d]
+    SHARED_GATE = "shared_gate"
+    SHARED_UP = "shared_up"
+    SHARED_DOWN = "shared_down"
+    SHARED_EXPERT_GATE = "shared_expert_gate"
 
 
 @dataclass(frozen=True)
@@ -121,6 +134,15 @@ ROLE_RULES: dict[Role, RoleRule] = {
     Role.EXPERT_UP_BIAS: RoleRule(("experts", "ff")),
     Role.EXPERT_DOWN_BIAS: RoleRule(("experts", "model"), writes_residual=True),
     Role.LM_HEAD: RoleRule(("vocab", "model"), input_dim=1),
+    Role.Q_HEAD_NORM: RoleRule(("head_dim",)),
+    Role.K_HEAD_NORM: RoleRule(("head_dim",)),
+    Role.Q_NORM: RoleRule(("heads",)),
+    Role.K_NORM: RoleRule(("kv_heads",)),
+    Role.SHARED_GATE: RoleRule(("ff", "model"), input_dim=1),
+    Role.SHARED_UP: RoleRule(("ff", "model"), input_dim=1),
+    Role.SHARED_DOWN: RoleRule(("model", "ff"), input_dim=1, writes_residual=True),
+    # its one logit must stay the same: divided like the router, and no noise
+    Role.SHARED_EXPERT_GATE: RoleRule(("one", "model"), input_dim=1, noise=False),
 }
 
 

@@ -19,6 +19,7 @@ its own KV head (interleaving the copies instead would break that pairing).
 from __future__ import annotations
 
 import math
+import warnings
 import zlib
 
 import torch
@@ -114,6 +115,25 @@ def hyperclone_weight(
     return tile_for_role(weight, role, scale, noise_std=noise_std, noise=noise, seed=seed)
 
 
+def scale_norm(weight: torch.Tensor, factor: float, offset: bool) -> torch.Tensor:
+    """A norm gain that multiplies the norm's output by ``factor``: ``w * c``, or for a norm
+    that applies ``(1 + w)`` (quirk ``norm_offset``) ``(1 + w) * c - 1``; computed in float32."""
+    w = weight.float()
+    out = (1.0 + w) * factor - 1.0 if offset else w * factor
+    return out.to(weight.dtype)
+
+
+def widened_fields(adapter, model: nn.Module, scale: int) -> dict:
+    """The canonical config fields width growth multiplies (head_dim is kept, and written)."""
+    updates = {
+        f: adapter.cfg(model, f) * scale
+        for f in ("d_model", "n_heads", "n_kv_heads", "d_ff", "moe_d_ff", "shared_d_ff")
+        if adapter.cfg(model, f) is not None
+    }
+    updates["head_dim"] = adapter.cfg(model, "head_dim")
+    return updates
+
+
 @torch.no_grad()
 def grow_width(
     model: nn.Module,
@@ -125,9 +145,17 @@ def grow_width(
 ) -> nn.Module:
     """HyperClone ``model`` to ``scale_factor`` times its width.
 
-    d_model, n_heads, n_kv_heads and d_ff are multiplied; head_dim, vocab and the expert
-    count stay. Tied embeddings stay tied: the embedding is tiled (not divided) and the
-    1/s the output side needs goes into ``config.logit_scale`` (saved with the config).
+    d_model, n_heads, n_kv_heads and the FFN sizes are multiplied; head_dim, vocab and the
+    expert count stay. Works on growkit's reference model and on every ``transformers``
+    family of ``growkit.growth.FAMILIES``; the family's quirks are applied:
+
+    * embedding normalizer (Gemma, ``h0 = E[x] * sqrt(d)``): the tiled embedding is
+      divided by sqrt(s), since the grown model multiplies by sqrt(s*d);
+    * tied embeddings stay tied: the output side of a tiled embedding gives logits
+      s / (embedding factor) times too large, so the final norm's gain is scaled by the
+      inverse ((1 + w) * c - 1 for a norm with offset); the reference model puts the
+      factor into ``config.logit_scale`` instead. A family with no final norm is untied,
+      with a warning.
 
     Args:
         model: the source model (left untouched; nothing is shared with it).
@@ -138,28 +166,70 @@ def grow_width(
         seed: noise seed (each parameter derives its own stream from it).
 
     Returns:
-        The grown model, on the source's device and dtype, in its train/eval mode, with
-        ``growth_records`` describing where each parameter came from.
+        The grown model (same class), on the source's device and dtype, in its train/eval
+        mode, with ``growth_records`` describing where each parameter came from.
     """
     scale = check_scale(scale_factor)
     noise_std = check_noise(noise_std, noise)
     adapter = get_adapter(model, "width growth")
+    family = adapter.family
     roles = adapter.param_roles(model)
-    new_config = adapter.widen_config(model, scale)
+    tied = adapter.tied(model)
+    source = adapter.role_state(model)
+    by_role: dict[Role, list[str]] = {}
+    for name, pr in roles.items():
+        by_role.setdefault(pr.role, []).append(name)
+    embeds = by_role.get(Role.EMBEDDING, [])
+    heads = by_role.get(Role.LM_HEAD, [])
+    final_norms = [n for n in by_role.get(Role.NORM, []) if roles[n].layer is None]
 
     state, sources = {}, {}
-    for name, tensor in model.state_dict().items():
-        role = roles[name].role
+    for name, pr in roles.items():
+        if tied and pr.role is Role.LM_HEAD:
+            continue  # the embedding itself: tied again below
         state[name] = tile_for_role(
-            tensor, role, scale, noise_std=noise_std, noise=noise, seed=derive_seed(seed, name)
+            source[name], pr.role, scale, noise_std=noise_std, noise=noise, seed=derive_seed(seed, name)
         )
-        sources[name] = Source("widen", role, name, scale=scale)
-    grown = adapter.build(new_config, state)
-    grown.train(model.training)
+        sources[name] = Source("widen", pr.role, name, scale=scale)
+    updates = widened_fields(adapter, model, scale)
+    notes = []
+    embed_factor = 1.0
+    if "embedding_normalizer" in family.quirks:
+        embed_factor = 1.0 / math.sqrt(scale)
+        for name in embeds:
+            state[name] = (state[name].float() * embed_factor).to(state[name].dtype)
+        notes.append(f"embedding divided by sqrt({scale}): the model multiplies it by sqrt(hidden_size)")
+    if tied:
+        # a tied head reads the tiled (and normalizer-divided) embedding: logits come out
+        # `too_large` times too large, unless the final norm (or logit scale) absorbs it
+        too_large = scale * embed_factor
+        if "tied_logit_scale" in family.quirks:
+            updates["logit_scale"] = adapter.cfg(model, "logit_scale") / too_large
+        elif len(final_norms) == 1 and len(embeds) == 1:
+            fn = final_norms[0]
+            state[fn] = scale_norm(state[fn], 1.0 / too_large, "norm_offset" in family.quirks)
+            notes.append(f"tied embeddings kept tied: final norm gain scaled by 1/{too_large:g}")
+            for name in heads:
+                state[name] = state[embeds[0]]
+                sources[name] = Source("widen", Role.EMBEDDING, embeds[0], scale=scale)
+        else:
+            warnings.warn(
+                f"{family.name}: tied embeddings cannot stay tied and exact without one final norm "
+                "to absorb the 1/s of the output side; the grown model's LM head is untied",
+                stacklevel=2,
+            )
+            updates["tie_embeddings"] = False
+            for name in heads:
+                state[name] = tile_for_role(source[embeds[0]], Role.LM_HEAD, scale)
+                sources[name] = Source("widen", Role.LM_HEAD, embeds[0], scale=scale)
+            notes.append("tied embeddings untied: no single final norm to absorb the output side's 1/s")
+    new_config = adapter.config_with(model.config, **updates)
+    grown = adapter.build(new_config, state, like=model)
     attach_records(grown, [GrowthRecord(
         "width",
         dict(scale_factor=scale, noise_std=noise_std, noise=noise, seed=seed),
         sources,
         function_preserving=noise == "zero_sum",
+        notes=notes,
     )])
     return grown

@@ -354,7 +354,7 @@ def test_bad_input_is_refused_before_allocation(call, match, monkeypatch):
     import growkit.growth.adapters as adapters
 
     built = []
-    monkeypatch.setattr(adapters.ReferenceAdapter, "build", lambda self, c, s: built.append(c))
+    monkeypatch.setattr(adapters.FamilyAdapter, "build", lambda self, c, s, like=None: built.append(c))
     with pytest.raises(ValueError, match=match):
         call(model)
     assert not built, "a model was built before the error"

@@ -531,18 +531,28 @@ def test_monitor_warns_when_clones_identical(dense, probe):
 def test_monitor_warns_on_routing_collapse(moe_width, probe):
     model = copy.deepcopy(moe_width)
     monitor = GrowthMonitor(model, every=1)
-    model(probe)  # the training forward leaves each MoE layer's last_router_logits
+    model(probe)  # the monitor's hooks keep each router's logits of the training forward
     with warnings.catch_warnings():
         warnings.simplefilter("error", GrowthWarning)
         rec = monitor.step(0)
     assert len(rec.router) == 2 and all(0 < r["entropy"] <= 1 for r in rec.router)
-    layer = model.moe_layers()[1]
-    collapsed = torch.zeros_like(layer.last_router_logits)
-    collapsed[:, 2] = 10.0
-    collapsed[:, 3] = 5.0  # every token picks experts 2 and 3
-    layer.last_router_logits = collapsed
+
+    def collapse(_module, _inputs, logits):
+        collapsed = torch.zeros_like(logits)
+        collapsed[..., 2] = 10.0
+        collapsed[..., 3] = 5.0  # every token picks experts 2 and 3
+        return collapsed
+
+    # runs before the monitor's hook, which then sees the collapsed logits
+    handle = model.moe_layers()[1].router.register_forward_hook(collapse, prepend=True)
+    model(probe)
+    handle.remove()
     with pytest.warns(GrowthWarning, match="routing collapsed in MoE layer 1"):
         rec = monitor.step(1)
+    assert rec.router[1]["topk_share"] == 1.0
+    monitor.close()
+    model(probe)
+    rec = monitor.step(2)  # no hooks: the last logits seen are still the collapsed ones
     assert rec.router[1]["topk_share"] == 1.0
 
 

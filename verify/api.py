@@ -17,6 +17,8 @@ from torch import nn
 
 from .context import Comparison
 from .identity import identity_check
+from growkit.growth.adapters import get_adapter
+
 from .report import GrowthReport
 from .rope import rope_check
 from .router import DEFAULT_COLLAPSE_SHARE, router_check
@@ -27,10 +29,9 @@ CONFIG_FIELDS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_
 
 
 def _config_line(model: nn.Module) -> str:
-    cfg = getattr(model, "config", None)
-    if cfg is None:
-        return type(model).__name__
-    return ", ".join(f"{k}={getattr(cfg, k)}" for k in CONFIG_FIELDS if hasattr(cfg, k))
+    adapter = get_adapter(model, "verification")
+    values = [(k, adapter.cfg(model, k)) for k in CONFIG_FIELDS]
+    return f"{type(model).__name__}: " + ", ".join(f"{k}={v}" for k, v in values if v is not None)
 
 
 def _meta(ctx: Comparison, device: torch.device, seconds: dict) -> dict:

@@ -8,7 +8,8 @@ Every ``every`` steps it measures, without any extra forward or backward pass:
   per twin block g, max and mean |B_g - B_0| and mean |B_g|; the relative divergence is the
   min over twins of mean|B_g - B_0| / mean|B_g| (aggregated over the layers of the stack;
   ``check_symmetry_breaking`` gives the per-layer picture);
-* router load of every MoE layer, from the ``last_router_logits`` its latest forward left
+* router load of every MoE layer, from the router logits of its latest forward pass (kept by a
+  forward hook on each router module; ``close()`` removes the hooks)
   (normalized entropy of the top-k assignment, busiest expert's token share, share of the
   routing slots taken by the k busiest experts).
 
@@ -120,8 +121,9 @@ class GrowthMonitor:
         self._stalled: set = set()
         self._series: dict[str, list[float]] = defaultdict(list)
 
-        roles = get_adapter(model, "monitoring").param_roles(model)
-        params = dict(model.named_parameters())
+        adapter = get_adapter(model, "monitoring")
+        roles = adapter.param_roles(model)
+        params = adapter.role_params(model)  # parts of fused tensors are views of the parameters
         groups: dict[tuple, dict] = {}
         for name, pr in roles.items():
             if name not in params or not (pr.rule.noise and pr.rule.input_dim is not None):
@@ -136,15 +138,30 @@ class GrowthMonitor:
             g["roles"].add(pr.role.value)
         self._groups = list(groups.values())
 
-        routers = hook_modules(model, Role.ROUTER)
-        top_k = int(getattr(getattr(model, "config", None), "top_k", 1) or 1)
-        self._moe = []
-        for m in model.modules():
-            if hasattr(m, "last_router_logits"):
-                for layer, r in routers.items():
-                    if any(sub is r for sub in m.modules()):
-                        self._moe.append((layer, m, int(getattr(m, "top_k", top_k))))
-        self._moe.sort(key=lambda t: t[0])
+        # The latest router logits of every MoE layer, kept by a forward hook on the module
+        # that owns the router weight (a Linear, or a Hugging Face router returning
+        # (logits, weights, indices)); close() removes the hooks.
+        self._top_k = adapter.top_k(model)
+        self._router_logits: dict[int, torch.Tensor] = {}
+        self._hooks = [
+            module.register_forward_hook(self._keep_router_logits(layer))
+            for layer, module in sorted(hook_modules(model, Role.ROUTER).items())
+        ]
+
+    def _keep_router_logits(self, layer: int):
+        store = self._router_logits
+
+        def hook(_module, _inputs, output):
+            logits = output[0] if isinstance(output, (tuple, list)) else output
+            store[layer] = logits.detach().reshape(-1, logits.shape[-1])
+
+        return hook
+
+    def close(self) -> None:
+        """Remove the monitor's forward hooks from the model."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
 
     # ------------------------------------------------------------------ ticks
     def __call__(self, step: int | None = None) -> MonitorRecord | None:
@@ -200,7 +217,7 @@ class GrowthMonitor:
         if rec.twins:
             rec.min_twin_divergence = min(t["rel_div"] for t in rec.twins)
 
-        logits = [(layer, m.last_router_logits, k) for layer, m, k in self._moe if m.last_router_logits is not None]
+        logits = [(layer, lg, self._top_k) for layer, lg in sorted(self._router_logits.items())]
         by_shape: dict[tuple, list] = defaultdict(list)
         for layer, lg, k in logits:
             by_shape[(tuple(lg.shape), k)].append((layer, lg.detach()))

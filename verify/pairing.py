@@ -66,12 +66,11 @@ def n_layers(model: nn.Module) -> int:
 
 def model_width(model: nn.Module) -> int:
     """d_model, read from the embedding's shape through the role table."""
-    roles = get_adapter(model, "verification").param_roles(model)
-    state = model.state_dict()
-    for name, pr in roles.items():
-        if pr.role is Role.EMBEDDING:
-            return int(state[name].shape[-1])
-    return int(model.config.d_model)  # pragma: no cover
+    adapter = get_adapter(model, "verification")
+    for name, t in model.state_dict().items():
+        if adapter.role_of(name) is Role.EMBEDDING:
+            return int(t.shape[-1])
+    return int(adapter.cfg(model, "d_model"))  # pragma: no cover
 
 
 def width_records_scale(model: nn.Module) -> int | None:
@@ -112,8 +111,9 @@ def _compose(maps: list[list[tuple[int, str]]], n_old: int, n_new: int) -> list[
 @torch.no_grad()
 def zero_writer_layers(model: nn.Module) -> list[bool]:
     """For each layer: are all its residual-writing tensors exactly zero? (kernel-reduced)."""
-    roles = get_adapter(model, "verification").param_roles(model)
-    state = model.state_dict()
+    adapter = get_adapter(model, "verification")
+    roles = adapter.param_roles(model)
+    state = adapter.role_state(model)
     L = n_layers(model)
     groups: dict[tuple, list[tuple[int, torch.Tensor]]] = {}
     for name, pr in roles.items():

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from growkit.growth.adapters import get_adapter
+from growkit.growth.adapters import PART, get_adapter
 from growkit.growth.roles import Role
 from growkit.models.transformer import causal_lm_loss
 
@@ -74,7 +74,8 @@ def hook_modules(model: nn.Module, role: Role) -> dict[int, nn.Module]:
     roles = get_adapter(model, "verification").param_roles(model)
     out = {}
     for name, pr in roles.items():
-        if pr.role is role and pr.layer is not None:
+        # a part of a fused tensor has no module of its own: its module's output mixes parts
+        if pr.role is role and pr.layer is not None and not PART.match(name):
             out[pr.layer] = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
     return out
 
@@ -127,11 +128,16 @@ def run_probe(
 
     def capture(store, layer, as_float):
         def hook(_module, _inputs, output):
+            if isinstance(output, (tuple, list)):  # a router module: (logits, weights, indices)
+                output = output[0]
             out = output.detach()
-            store[layer] = out.float() if as_float else out
+            if as_float:  # router logits: [tokens, experts]
+                out = out.float().reshape(-1, out.shape[-1])
+            store[layer] = out
 
         return hook
 
+    adapter = get_adapter(model, "verification")
     with ModelGuard(model):
         try:
             if attention:
@@ -151,7 +157,7 @@ def run_probe(
                     p.grad = None
                     p.requires_grad_(True)
                 with torch.enable_grad():
-                    logits, hidden = model(probe, return_hidden_states=True)
+                    logits, hidden = adapter.forward_hidden(model, probe)
                     loss = _next_token_loss(logits, probe)
                     loss.backward()
                 grads = {name: p.grad for name, p in model.named_parameters()}
@@ -159,7 +165,7 @@ def run_probe(
                 hidden = [h.detach() for h in hidden]
             else:
                 with torch.no_grad():
-                    logits, hidden = model(probe, return_hidden_states=True)
+                    logits, hidden = adapter.forward_hidden(model, probe)
                     loss = _next_token_loss(logits, probe)
                 hidden = list(hidden)
         finally:

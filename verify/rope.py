@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from growkit.growth.adapters import get_adapter
+
 from .context import Comparison
 from .report import FAILED, PASSED, SKIPPED, CheckResult
 
@@ -29,7 +31,9 @@ RULE = "relative: max|diff| <= tolerance * max|old attention output of that laye
 
 
 def _cfg(model: nn.Module, key: str):
-    return getattr(getattr(model, "config", None), key, None)
+    """A canonical config field (``rope_theta``: whatever RoPE depends on besides head_dim:
+    the base, or a Hugging Face config's whole ``rope_parameters``)."""
+    return get_adapter(model, "verification").cfg(model, "rope" if key == "rope_theta" else key)
 
 
 def _structure(ctx: Comparison) -> tuple[list[dict], str | None, str | None]:

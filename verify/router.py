@@ -26,6 +26,8 @@ import math
 import torch
 from torch import nn
 
+from growkit.growth.adapters import get_adapter
+
 from .context import Comparison
 from .pairing import ORIGINAL
 from .report import FAILED, PASSED, SKIPPED, CheckResult
@@ -37,7 +39,7 @@ DEFAULT_COLLAPSE_SHARE = 0.9
 
 
 def top_k_of(model: nn.Module) -> int:
-    return int(getattr(getattr(model, "config", None), "top_k", 1) or 1)
+    return get_adapter(model, "verification").top_k(model)
 
 
 def expert_load(logits: list[torch.Tensor], top_k: int) -> list[dict]:
