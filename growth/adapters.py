@@ -159,8 +159,19 @@ class FamilyAdapter:
 
         A fused parameter gives one entry per part, ``"<param>[<role>]"``, in order.
         """
+        return self.roles_for_names(model.state_dict())
+
+    def roles_for_names(self, names) -> dict[str, ParamRole]:
+        """:meth:`param_roles` of a list of parameter names (e.g. a checkpoint's)."""
         roles = {}
-        for name in model.state_dict():
+        for name in names:
+            part = PART.match(name)
+            if part:  # already a role name: one part of a fused tensor
+                what, layer = self._match(part.group(1))
+                if isinstance(what, Fused) and part.group(2) in [r.value for r, _ in what.parts]:
+                    roles[name] = ParamRole(Role(part.group(2)), layer)
+                    continue
+                raise self._unmatched(name)
             what, layer = self._match(name)
             if what is None:
                 raise self._unmatched(name)

@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from .adapters import get_adapter
-from .records import GrowthRecord, Source, attach_records
+from .plan import GrowthPlan, TensorPlan, TensorSpec, build_from_plan, source_specs
+from .records import GrowthRecord, Source
 
 DEPTH_MODES = ("identity", "stack")
 
@@ -103,6 +104,47 @@ def deepen_config(adapter, config, plan: list[tuple[int, str]]):
     return adapter.config_with(config, **updates)
 
 
+def plan_depth(adapter, config, specs: dict[str, TensorSpec], tied: bool, extra_layers: int, mode: str,
+               positions: list[int] | None) -> GrowthPlan:
+    """The depth-growth plan of a source described by its config and tensor specs (role
+    names; ``positions`` already checked). See :func:`grow_depth`."""
+    roles = adapter.roles_for_names(specs)
+    plan = layer_plan(int(adapter.cfg(config, "n_layers")), extra_layers, mode, positions)
+    by_layer: dict[int, list[str]] = {}
+    tensors = {}
+
+    def copy(name):
+        return lambda get: get(name).clone()
+
+    def zeros(name):
+        return lambda get: torch.zeros_like(get(name))
+
+    for name, pr in roles.items():
+        if pr.layer is None:
+            tensors[name] = TensorPlan(specs[name], Source("copy", pr.role, name), copy(name), (name,))
+        else:
+            by_layer.setdefault(pr.layer, []).append(name)
+    for new_layer, (src_layer, kind) in enumerate(plan):
+        for name in by_layer.get(src_layer, []):
+            pr = roles[name]
+            new_name = adapter.rename_layer(name, new_layer)
+            if kind == "identity" and pr.rule.writes_residual:
+                tensors[new_name] = TensorPlan(specs[name], Source("zero", pr.role, name), zeros(name), (name,))
+            else:
+                kind_name = "identity_copy" if kind == "identity" else "copy"
+                tensors[new_name] = TensorPlan(specs[name], Source(kind_name, pr.role, name), copy(name), (name,))
+    preserving = mode == "identity" or extra_layers == 0
+    record = GrowthRecord(
+        "depth",
+        dict(extra_layers=extra_layers, mode=mode, positions=positions),
+        {n: t.source for n, t in tensors.items()},
+        layer_map=plan,
+        function_preserving=preserving,
+        notes=[] if preserving else ["stack mode copies layers: the function changes by design (G_stack)"],
+    )
+    return GrowthPlan(adapter, deepen_config(adapter, config, plan), tensors, record, tied)
+
+
 @torch.no_grad()
 def grow_depth(
     model: nn.Module,
@@ -129,40 +171,6 @@ def grow_depth(
     adapter = get_adapter(model, "depth growth")
     n_layers = adapter.n_layers(model)
     positions = check_depth_args(extra_layers, mode, positions, n_layers)
-    roles = adapter.param_roles(model)
-    plan = layer_plan(n_layers, extra_layers, mode, positions)
-    new_config = deepen_config(adapter, model.config, plan)
-
-    source_state = adapter.role_state(model)
-    by_layer: dict[int, list[str]] = {}
-    state, sources = {}, {}
-    for name, pr in roles.items():
-        if pr.layer is None:
-            state[name] = source_state[name].clone()
-            sources[name] = Source("copy", pr.role, name)
-        else:
-            by_layer.setdefault(pr.layer, []).append(name)
-    if adapter.tied(model):
-        adapter.retie(roles, state)
-    for new_layer, (src_layer, kind) in enumerate(plan):
-        for name in by_layer.get(src_layer, []):
-            pr = roles[name]
-            new_name = adapter.rename_layer(name, new_layer)
-            t = source_state[name]
-            if kind == "identity" and pr.rule.writes_residual:
-                state[new_name] = torch.zeros_like(t)
-                sources[new_name] = Source("zero", pr.role, name)
-            else:
-                state[new_name] = t.clone()
-                sources[new_name] = Source("identity_copy" if kind == "identity" else "copy", pr.role, name)
-    grown = adapter.build(new_config, state, like=model)
-    preserving = mode == "identity" or extra_layers == 0
-    attach_records(grown, [GrowthRecord(
-        "depth",
-        dict(extra_layers=extra_layers, mode=mode, positions=positions),
-        sources,
-        layer_map=plan,
-        function_preserving=preserving,
-        notes=[] if preserving else ["stack mode copies layers: the function changes by design (G_stack)"],
-    )])
-    return grown
+    specs, state, tied = source_specs(adapter, model)
+    plan = plan_depth(adapter, model.config, specs, tied, extra_layers, mode, positions)
+    return build_from_plan(plan, plan.execute(state.__getitem__), like=model)

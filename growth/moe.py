@@ -27,7 +27,9 @@ from torch import nn
 
 from .adapters import ADAPTERS, get_adapter
 from .families import FAMILIES
-from .records import GrowthRecord, Source, attach_records
+from .plan import GrowthPlan, TensorPlan, TensorSpec, build_from_plan, source_specs
+from .records import GrowthRecord, Source
+from .width import derive_seed
 from .roles import ROLE_RULES, Role
 
 DEFAULT_ROUTER_STD = 0.02
@@ -76,20 +78,20 @@ def target_adapter(adapter):
     return adapter if sibling == adapter.name else next(a for a in ADAPTERS if a.name == sibling)
 
 
-def moe_config(adapter, target, model: nn.Module, n_experts: int, top_k: int, norm_topk_prob: bool):
+def moe_config(adapter, target, config, n_experts: int, top_k: int, norm_topk_prob: bool):
     """The target family's config for the upcycled model: the source's settings that the
     target's config knows, carried over untouched, plus the MoE fields."""
     fields = dict(n_experts=n_experts, top_k=top_k, norm_topk_prob=norm_topk_prob,
-                  moe_d_ff=adapter.cfg(model, "d_ff"), shared_d_ff=adapter.cfg(model, "d_ff"),
+                  moe_d_ff=adapter.cfg(config, "d_ff"), shared_d_ff=adapter.cfg(config, "d_ff"),
                   sparse_step=1, dense_layers=[])
     fields = {k: v for k, v in fields.items() if target.has(k)}
     if not target.is_hf:
-        return target.config_with(model.config, **fields)
+        return target.config_with(config, **fields)
     from transformers import AutoConfig
 
     known = AutoConfig.for_model(target.name).to_dict()
     skip = {"model_type", "architectures", "transformers_version", "_name_or_path"}
-    kwargs = {k: v for k, v in model.config.to_dict().items() if k in known and k not in skip}
+    kwargs = {k: v for k, v in config.to_dict().items() if k in known and k not in skip}
     kwargs.update({target.family.config[k]: v for k, v in fields.items()})
     return AutoConfig.for_model(target.name, **kwargs)
 
@@ -139,11 +141,24 @@ def upcycle_to_moe(
     _check(n_experts, top_k, router_std, expert_noise_std, seed, norm_topk_prob)
     if adapter.is_moe(model):
         raise ValueError("model is already a mixture of experts: upcycle_to_moe takes a dense model")
-    roles = adapter.param_roles(model)
-    source = adapter.role_state(model)
+    specs, state, tied = source_specs(adapter, model)
+    plan = plan_moe(adapter, target, model.config, specs, tied, n_experts, top_k, router_std=router_std,
+                    expert_noise_std=expert_noise_std, seed=seed, norm_topk_prob=norm_topk_prob)
+    return build_from_plan(plan, plan.execute(state.__getitem__), like=model)
+
+
+def plan_moe(adapter, target, config, specs: dict[str, TensorSpec], tied: bool, n_experts: int, top_k: int, *,
+             router_std: float, expert_noise_std: float, seed: int, norm_topk_prob: bool) -> GrowthPlan:
+    """The upcycling plan of a dense source described by its config and tensor specs (role
+    names; arguments already checked). See :func:`upcycle_to_moe`.
+
+    Every random draw (router, expert noise) comes from a generator seeded by (seed, the
+    new tensor's name), on the CPU in float32: one seed gives one model on any device,
+    dtype, or order of making the tensors."""
+    roles = adapter.roles_for_names(specs)
     shared = "shared_expert" in target.family.quirks
-    # every tensor's new name, checked before anything is allocated
-    plan = {}
+    # every tensor's new name, checked before anything is made
+    tensors = {}
     for name, pr in roles.items():
         expert_role = pr.rule.expert_role
         if expert_role is None:
@@ -152,59 +167,73 @@ def upcycle_to_moe(
                     f"{name} ({pr.role.value}) has no counterpart in {target.name}: the {adapter.name} "
                     f"model uses a feature its MoE sibling lacks (e.g. attention or MLP biases)"
                 )
-            plan[name] = None
-        else:
-            if not target.has_role(expert_role):
-                raise ValueError(
-                    f"{name} ({pr.role.value}) would become {expert_role.value}, which {target.name} "
-                    "lacks (e.g. expert biases): this model cannot be upcycled into it exactly"
-                )
-            plan[name] = target.tensor_name(expert_role, pr.layer)
-    new_config = moe_config(adapter, target, model, n_experts, top_k, norm_topk_prob)
-
-    # Random draws on the CPU in float32, so one seed gives one model on any device/dtype.
-    gen = torch.Generator().manual_seed(seed)
-    state, sources = {}, {}
-    routers: dict[int, torch.Tensor] = {}
-    for name, pr in roles.items():
-        tensor = source[name]
-        if plan[name] is None:
-            state[name] = tensor.clone()
-            sources[name] = Source("copy", pr.role, name)
+            tensors[name] = TensorPlan(specs[name], Source("copy", pr.role, name), _copy(name), (name,))
             continue
-        expert_role = pr.rule.expert_role
-        stacked = tensor.unsqueeze(0).expand(n_experts, *tensor.shape).clone()
-        if expert_noise_std > 0:
-            noise = torch.randn(stacked.shape, generator=gen) * expert_noise_std
-            stacked += noise.to(stacked.dtype).to(stacked.device)
-        state[plan[name]] = stacked
-        sources[plan[name]] = Source("experts", expert_role, name, n_experts=n_experts)
-        if pr.role is Role.MLP_GATE:
-            routers[pr.layer] = tensor
+        if not target.has_role(expert_role):
+            raise ValueError(
+                f"{name} ({pr.role.value}) would become {expert_role.value}, which {target.name} "
+                "lacks (e.g. expert biases): this model cannot be upcycled into it exactly"
+            )
+        new_name = target.tensor_name(expert_role, pr.layer)
+        spec = TensorSpec((n_experts, *specs[name].shape), specs[name].dtype)
+        tensors[new_name] = TensorPlan(spec, Source("experts", expert_role, name, n_experts=n_experts),
+                                       _experts(name, n_experts, expert_noise_std, derive_seed(seed, new_name)), (name,))
         if shared and pr.role in SHARED:
             shared_name = target.tensor_name(SHARED[pr.role], pr.layer)
             writes = ROLE_RULES[SHARED[pr.role]].writes_residual
-            state[shared_name] = torch.zeros_like(tensor) if writes else tensor.clone()
-            sources[shared_name] = Source("zero" if writes else "copy", SHARED[pr.role], name)
-    for layer, gate in sorted(routers.items()):
-        d_model = gate.shape[-1]
-        router = (torch.randn(n_experts, d_model, generator=gen) * router_std).to(gate.dtype).to(gate.device)
-        name = target.tensor_name(Role.ROUTER, layer)
-        state[name] = router
-        sources[name] = Source("fresh", Role.ROUTER, None, shape=tuple(router.shape))
+            tensors[shared_name] = TensorPlan(specs[name], Source("zero" if writes else "copy", SHARED[pr.role], name),
+                                              _zeros(name) if writes else _copy(name), (name,))
+    for name, pr in roles.items():
+        if pr.role is not Role.MLP_GATE:
+            continue
+        d_model, dtype = specs[name].shape[-1], specs[name].dtype
+        router = target.tensor_name(Role.ROUTER, pr.layer)
+        tensors[router] = TensorPlan(TensorSpec((n_experts, d_model), dtype), Source("fresh", Role.ROUTER, None, shape=(n_experts, d_model)),
+                                     _router(name, n_experts, router_std, derive_seed(seed, router)), (name,))
         if shared:
-            name = target.tensor_name(Role.SHARED_EXPERT_GATE, layer)
-            state[name] = torch.zeros(1, d_model, dtype=gate.dtype, device=gate.device)
-            sources[name] = Source("fresh", Role.SHARED_EXPERT_GATE, None, shape=(1, d_model))
-    if adapter.tied(model):
-        target.retie(roles, state)
-    moe = target.build(new_config, state, like=model)
-    attach_records(moe, [GrowthRecord(
+            gate = target.tensor_name(Role.SHARED_EXPERT_GATE, pr.layer)
+            tensors[gate] = TensorPlan(TensorSpec((1, d_model), dtype), Source("fresh", Role.SHARED_EXPERT_GATE, None, shape=(1, d_model)),
+                                       _router(name, 1, 0.0, 0), (name,))
+    record = GrowthRecord(
         "moe",
         dict(n_experts=n_experts, top_k=top_k, router_std=router_std, expert_noise_std=expert_noise_std,
              seed=seed, norm_topk_prob=norm_topk_prob, family=target.name),
-        sources,
+        {n: t.source for n, t in tensors.items()},
         function_preserving=expert_noise_std == 0,
         notes=["shared expert: dense MLP copied, down projection and gate zeroed (adds 0 at first)"] if shared else [],
-    )])
-    return moe
+    )
+    new_config = moe_config(adapter, target, config, n_experts, top_k, norm_topk_prob)
+    return GrowthPlan(target, new_config, tensors, record, tied)
+
+
+def _copy(name):
+    return lambda get: get(name).clone()
+
+
+def _zeros(name):
+    return lambda get: torch.zeros_like(get(name))
+
+
+def _experts(name, n_experts, noise_std, seed):
+    def make(get):
+        t = get(name)
+        stacked = t.unsqueeze(0).expand(n_experts, *t.shape).clone()
+        if noise_std > 0:
+            gen = torch.Generator().manual_seed(seed)
+            stacked += (torch.randn(stacked.shape, generator=gen) * noise_std).to(stacked.dtype).to(stacked.device)
+        return stacked
+
+    return make
+
+
+def _router(gate_name, rows, std, seed):
+    """A fresh [rows, d] router on the dense gate's device and dtype: N(0, std^2), or zeros."""
+    def make(get):
+        gate = get(gate_name)
+        d_model = gate.shape[-1]
+        if std == 0:
+            return torch.zeros(rows, d_model, dtype=gate.dtype, device=gate.device)
+        gen = torch.Generator().manual_seed(seed)
+        return (torch.randn(rows, d_model, generator=gen) * std).to(gate.dtype).to(gate.device)
+
+    return make

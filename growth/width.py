@@ -28,7 +28,8 @@ from torch import nn
 from growkit.kernels import hyperclone
 
 from .adapters import get_adapter
-from .records import GrowthRecord, Source, attach_records
+from .plan import GrowthPlan, TensorPlan, TensorSpec, build_from_plan, source_specs
+from .records import GrowthRecord, Source
 from .roles import ROLE_RULES, Role
 
 
@@ -123,15 +124,80 @@ def scale_norm(weight: torch.Tensor, factor: float, offset: bool) -> torch.Tenso
     return out.to(weight.dtype)
 
 
-def widened_fields(adapter, model: nn.Module, scale: int) -> dict:
+def widened_fields(adapter, config, scale: int) -> dict:
     """The canonical config fields width growth multiplies (head_dim is kept, and written)."""
     updates = {
-        f: adapter.cfg(model, f) * scale
+        f: adapter.cfg(config, f) * scale
         for f in ("d_model", "n_heads", "n_kv_heads", "d_ff", "moe_d_ff", "shared_d_ff")
-        if adapter.cfg(model, f) is not None
+        if adapter.cfg(config, f) is not None
     }
-    updates["head_dim"] = adapter.cfg(model, "head_dim")
+    updates["head_dim"] = adapter.cfg(config, "head_dim")
     return updates
+
+
+def widened_shape(role: Role, shape: tuple[int, ...], scale: int) -> tuple[int, ...]:
+    return tuple(n * r for n, r in zip(shape, ROLE_RULES[role].repeats(scale)))
+
+
+def plan_width(adapter, config, specs: dict[str, TensorSpec], tied: bool, scale: int, *,
+               noise_std: float, noise: str, seed: int) -> GrowthPlan:
+    """The width-growth plan of a source described by its config and tensor specs (role
+    names; a tied source lists no output embedding). See :func:`grow_width`."""
+    family = adapter.family
+    roles = adapter.roles_for_names(specs)
+    names_of: dict[Role, list[str]] = {}
+    for name, pr in roles.items():
+        names_of.setdefault(pr.role, []).append(name)
+    embeds = names_of.get(Role.EMBEDDING, [])
+    final_norms = [n for n in names_of.get(Role.NORM, []) if roles[n].layer is None]
+    updates = widened_fields(adapter, config, scale)
+    notes = []
+    # Per-tensor post-scales from the quirks: the embedding (normalizer) and the final norm (ties).
+    embed_factor = 1.0 / math.sqrt(scale) if "embedding_normalizer" in family.quirks else 1.0
+    if embed_factor != 1.0:
+        notes.append(f"embedding divided by sqrt({scale}): the model multiplies it by sqrt(hidden_size)")
+    norm_factor, untie = None, False
+    if tied:
+        # a tied head reads the tiled (and normalizer-divided) embedding: logits come out
+        # `too_large` times too large, unless the final norm (or logit scale) absorbs it
+        too_large = scale * embed_factor
+        if "tied_logit_scale" in family.quirks:
+            updates["logit_scale"] = adapter.cfg(config, "logit_scale") / too_large
+        elif len(final_norms) == 1 and len(embeds) == 1:
+            norm_factor = 1.0 / too_large
+            notes.append(f"tied embeddings kept tied: final norm gain scaled by 1/{too_large:g}")
+        else:
+            untie = True
+            updates["tie_embeddings"] = False
+            notes.append("tied embeddings untied: no single final norm to absorb the output side's 1/s")
+
+    def maker(name: str, role: Role):
+        def make(get):
+            t = tile_for_role(get(name), role, scale, noise_std=noise_std, noise=noise, seed=derive_seed(seed, name))
+            if role is Role.EMBEDDING and embed_factor != 1.0:
+                t = (t.float() * embed_factor).to(t.dtype)
+            if norm_factor is not None and name in final_norms:
+                t = scale_norm(t, norm_factor, "norm_offset" in family.quirks)
+            return t
+
+        return make
+
+    tensors = {}
+    for name, pr in roles.items():
+        spec = specs[name]
+        tensors[name] = TensorPlan(TensorSpec(widened_shape(pr.role, spec.shape, scale), spec.dtype),
+                                   Source("widen", pr.role, name, scale=scale), maker(name, pr.role), (name,))
+    if untie:
+        head = adapter.tensor_name(Role.LM_HEAD, None)
+        spec = specs[embeds[0]]
+        tensors[head] = TensorPlan(
+            TensorSpec(widened_shape(Role.LM_HEAD, spec.shape, scale), spec.dtype),
+            Source("widen", Role.LM_HEAD, embeds[0], scale=scale),
+            lambda get: tile_for_role(get(embeds[0]), Role.LM_HEAD, scale), (embeds[0],))
+    record = GrowthRecord(
+        "width", dict(scale_factor=scale, noise_std=noise_std, noise=noise, seed=seed),
+        {n: t.source for n, t in tensors.items()}, function_preserving=noise == "zero_sum", notes=notes)
+    return GrowthPlan(adapter, adapter.config_with(config, **updates), tensors, record, tied and not untie)
 
 
 @torch.no_grad()
@@ -172,64 +238,9 @@ def grow_width(
     scale = check_scale(scale_factor)
     noise_std = check_noise(noise_std, noise)
     adapter = get_adapter(model, "width growth")
-    family = adapter.family
-    roles = adapter.param_roles(model)
-    tied = adapter.tied(model)
-    source = adapter.role_state(model)
-    by_role: dict[Role, list[str]] = {}
-    for name, pr in roles.items():
-        by_role.setdefault(pr.role, []).append(name)
-    embeds = by_role.get(Role.EMBEDDING, [])
-    heads = by_role.get(Role.LM_HEAD, [])
-    final_norms = [n for n in by_role.get(Role.NORM, []) if roles[n].layer is None]
-
-    state, sources = {}, {}
-    for name, pr in roles.items():
-        if tied and pr.role is Role.LM_HEAD:
-            continue  # the embedding itself: tied again below
-        state[name] = tile_for_role(
-            source[name], pr.role, scale, noise_std=noise_std, noise=noise, seed=derive_seed(seed, name)
-        )
-        sources[name] = Source("widen", pr.role, name, scale=scale)
-    updates = widened_fields(adapter, model, scale)
-    notes = []
-    embed_factor = 1.0
-    if "embedding_normalizer" in family.quirks:
-        embed_factor = 1.0 / math.sqrt(scale)
-        for name in embeds:
-            state[name] = (state[name].float() * embed_factor).to(state[name].dtype)
-        notes.append(f"embedding divided by sqrt({scale}): the model multiplies it by sqrt(hidden_size)")
-    if tied:
-        # a tied head reads the tiled (and normalizer-divided) embedding: logits come out
-        # `too_large` times too large, unless the final norm (or logit scale) absorbs it
-        too_large = scale * embed_factor
-        if "tied_logit_scale" in family.quirks:
-            updates["logit_scale"] = adapter.cfg(model, "logit_scale") / too_large
-        elif len(final_norms) == 1 and len(embeds) == 1:
-            fn = final_norms[0]
-            state[fn] = scale_norm(state[fn], 1.0 / too_large, "norm_offset" in family.quirks)
-            notes.append(f"tied embeddings kept tied: final norm gain scaled by 1/{too_large:g}")
-            for name in heads:
-                state[name] = state[embeds[0]]
-                sources[name] = Source("widen", Role.EMBEDDING, embeds[0], scale=scale)
-        else:
-            warnings.warn(
-                f"{family.name}: tied embeddings cannot stay tied and exact without one final norm "
-                "to absorb the 1/s of the output side; the grown model's LM head is untied",
-                stacklevel=2,
-            )
-            updates["tie_embeddings"] = False
-            for name in heads:
-                state[name] = tile_for_role(source[embeds[0]], Role.LM_HEAD, scale)
-                sources[name] = Source("widen", Role.LM_HEAD, embeds[0], scale=scale)
-            notes.append("tied embeddings untied: no single final norm to absorb the output side's 1/s")
-    new_config = adapter.config_with(model.config, **updates)
-    grown = adapter.build(new_config, state, like=model)
-    attach_records(grown, [GrowthRecord(
-        "width",
-        dict(scale_factor=scale, noise_std=noise_std, noise=noise, seed=seed),
-        sources,
-        function_preserving=noise == "zero_sum",
-        notes=notes,
-    )])
-    return grown
+    specs, state, tied = source_specs(adapter, model)
+    plan = plan_width(adapter, model.config, specs, tied, scale, noise_std=noise_std, noise=noise, seed=seed)
+    if tied and not plan.tied:
+        warnings.warn(f"{adapter.name}: tied embeddings cannot stay tied and exact without one final norm "
+                      "to absorb the 1/s of the output side; the grown model's LM head is untied", stacklevel=2)
+    return build_from_plan(plan, plan.execute(state.__getitem__), like=model)
