@@ -43,12 +43,16 @@ setup(
     python_requires=">=3.10",
     packages=list(PACKAGE_DIRS),
     package_dir=PACKAGE_DIRS,
+    # The offline default data: a TinyStories sample (xz) and its license notice.
+    package_data={"growkit.train": ["assets/*.txt.xz", "assets/*.txt"]},
     install_requires=install_requires,
     extras_require={
         "test": ["pytest>=7"],
         "plot": ["matplotlib>=3.5"],
-        "hf": ["transformers>=4.40", "tokenizers>=0.15"],
+        "hf": ["transformers>=5.0", "tokenizers>=0.15"],
         "yaml": ["pyyaml>=6"],
+        # growkit grow / growkit verify (with the hf extra)
+        "cli": ["tyro>=0.9", "pyyaml>=6"],
     },
     entry_points={"console_scripts": ["growkit=growkit.cli:main"]},
 )

@@ -2,6 +2,8 @@
 
     growkit train --preset tiny            # the three-phase TinyStories pipeline
     growkit train --help                   # every TrainConfig field as a flag
+    growkit grow SRC DST --width 2         # grow a Hugging Face checkpoint on disk
+    growkit verify SRC DST                 # the growth checks on two checkpoints
 
 ``growkit train`` takes exactly the arguments of ``python train_tinystories.py``.
 """
@@ -25,6 +27,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("train", add_help=False,
                    help="three-phase TinyStories training: dense -> MoE -> wider and deeper")
+    sub.add_parser("grow", add_help=False,
+                   help="grow a Hugging Face checkpoint on disk (wider, deeper, MoE), tensor by tensor")
+    sub.add_parser("verify", add_help=False,
+                   help="run the growth checks on a source and a grown checkpoint (exit 0/1/2)")
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
         return 0 if argv else 2
@@ -39,7 +45,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from growkit.train.pipeline import main as train_main
 
         return train_main(rest, prog="growkit train")
-    parser.error(f"unknown command {command!r}; choose from: train")
+    if command in ("grow", "verify"):
+        from growkit.checkpoint_cli import run
+
+        return run(command, rest)
+    parser.error(f"unknown command {command!r}; choose from: train, grow, verify")
     return 2  # pragma: no cover - parser.error exits
 
 

@@ -56,6 +56,12 @@ class FamilyAdapter:
             rx = re.escape(template).replace(re.escape("{i}"), r"(\d+)")
             self._patterns.append((re.compile(rx + "$"), template, what))
         self._layer_rx = re.compile("^" + re.escape(family.layers) + r"\.(\d+)\.")
+        # checkpoint names that differ from the held ones: (disk regex, disk template, held regex, OnDisk)
+        self._disk = []
+        for template, on_disk in family.disk.items():
+            disk_rx = re.escape(template).replace(re.escape("{i}"), r"(?P<i>\d+)").replace(re.escape("{e}"), r"(?P<e>\d+)")
+            held_rx = re.escape(on_disk.tensor).replace(re.escape("{i}"), r"(?P<i>\d+)")
+            self._disk.append((re.compile(disk_rx + "$"), template, re.compile(held_rx + "$"), on_disk))
         # role -> the one template holding it (for naming tensors a growth creates)
         by_role: dict[Role, list[tuple[str, Fused | None]]] = {}
         for template, what in family.params.items():
@@ -268,6 +274,51 @@ class FamilyAdapter:
             if pr.role is Role.LM_HEAD and embeds:
                 state[name] = state[embeds[0]]
 
+    # ------------------------------------------------------------------ checkpoints on disk
+    def from_disk(self, disk_names) -> dict[str, list[tuple[int | None, str]]]:
+        """Checkpoint tensor names -> held names (a role name for a part stored on its own):
+        each with the checkpoint tensors it is made of, ``(expert, name)`` in expert order
+        (``(None, name)``: one tensor as it is). ValueError for an incomplete expert set."""
+        out: dict[str, list[tuple[int | None, str]]] = {}
+        for name in disk_names:
+            for disk_rx, _, _, on_disk in self._disk:
+                m = disk_rx.match(name)
+                if m:
+                    groups = m.groupdict()
+                    held = on_disk.tensor.replace("{i}", groups["i"]) if groups.get("i") is not None else on_disk.tensor
+                    key = part_name(held, on_disk.part) if on_disk.part is not None else held
+                    out.setdefault(key, []).append((int(groups["e"]) if groups.get("e") is not None else None, name))
+                    break
+            else:
+                out.setdefault(name, []).append((None, name))
+        for key, items in out.items():
+            items.sort(key=lambda x: -1 if x[0] is None else x[0])
+            experts = [e for e, _ in items]
+            if len(items) > 1 and experts != list(range(len(items))):
+                raise ValueError(f"{key}: the checkpoint holds experts {experts}, not 0..{len(items) - 1}")
+        return out
+
+    def to_disk(self, name: str, n_experts: int) -> list[tuple[str, int | None]] | None:
+        """The checkpoint names a held tensor (role name) is written under, with the expert
+        index each holds (None: the whole tensor); None when it is stored as held."""
+        m = PART.match(name)
+        held, part = (m.group(1), Role(m.group(2))) if m else (name, None)
+        for _, template, held_rx, on_disk in self._disk:
+            hm = held_rx.match(held)
+            if hm and on_disk.part == part:
+                disk = template.replace("{i}", hm.group("i")) if hm.groupdict().get("i") is not None else template
+                if "{e}" in disk:
+                    return [(disk.replace("{e}", str(e)), e) for e in range(n_experts)]
+                return [(disk, None)]
+        return None
+
+    def fused_dim(self, name: str) -> int:
+        """The dim a fused parameter concatenates its parts along."""
+        what, _ = self._match(name)
+        if not isinstance(what, Fused):
+            raise ValueError(f"{name!r} is not a fused parameter of {self.name!r}")
+        return what.dim
+
     def has_role(self, role: Role) -> bool:
         return any(
             what == role or (isinstance(what, Fused) and role in [r for r, _ in what.parts])
@@ -377,6 +428,19 @@ def register_adapter(adapter, *, first: bool = True) -> None:
 
 def supported_families() -> list[str]:
     return [a.name for a in ADAPTERS if getattr(a, "is_hf", False)]
+
+
+def get_family_adapter(config) -> FamilyAdapter:
+    """The adapter of a Hugging Face config's family (``config.model_type``); ValueError naming
+    the supported ones otherwise."""
+    model_type = getattr(config, "model_type", None)
+    for adapter in ADAPTERS:
+        if getattr(adapter, "is_hf", False) and model_type in adapter.family.model_types:
+            return adapter
+    raise ValueError(
+        f"unsupported family: model_type {model_type!r}. Supported: {supported_families()}. To add one, "
+        "describe it with growkit.growth.register_family(Family(name=..., params={name template: Role}, config={...}))."
+    )
 
 
 def get_adapter(model: nn.Module, what: str = "growth"):

@@ -63,6 +63,21 @@ class Fused:
 
 
 @dataclass(frozen=True)
+class OnDisk:
+    """How a checkpoint stores a tensor that the model holds otherwise.
+
+    transformers 5 holds MoE experts fused and 3-D but ``save_pretrained`` writes (and the
+    hub's checkpoints hold) one 2-D tensor per expert under older names; the family's
+    ``disk`` entry maps each such name template (``{i}`` layer, ``{e}`` expert) to the
+    in-memory tensor it belongs to (``tensor``, a ``params`` template) and, for a fused
+    tensor, the part (``part``). Names not in ``disk`` are stored as they are held.
+    """
+
+    tensor: str
+    part: Role | None = None
+
+
+@dataclass(frozen=True)
 class Family:
     """One architecture family.
 
@@ -73,6 +88,8 @@ class Family:
         layers: module path of the decoder layer list.
         quirks: names from :data:`QUIRKS`.
         model_types: the ``config.model_type`` values it covers (default: ``(name,)``).
+        disk: checkpoint name template -> :class:`OnDisk` (only where a checkpoint stores a
+            tensor under another name or split per expert).
         moe_sibling: the family a dense model of this one is upcycled into.
         kind: ``"hf"`` (a ``transformers`` causal LM) or ``"reference"``.
     """
@@ -85,7 +102,7 @@ class Family:
     model_types: tuple = ()
     moe_sibling: str | None = None
     kind: str = "hf"
-    notes: tuple = field(default=())
+    disk: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         unknown = set(self.quirks) - QUIRKS
@@ -128,6 +145,18 @@ EXPERTS = {
     L + "mlp.gate.weight": Role.ROUTER,
     L + "mlp.experts.gate_up_proj": Fused(1, ((Role.EXPERT_GATE, 1), (Role.EXPERT_UP, 1))),
     L + "mlp.experts.down_proj": Role.EXPERT_DOWN,
+}
+# ...and save_pretrained writes them (hub checkpoints hold them) one tensor per expert
+EXPERTS_ON_DISK = {
+    L + "mlp.experts.{e}.gate_proj.weight": OnDisk(L + "mlp.experts.gate_up_proj", Role.EXPERT_GATE),
+    L + "mlp.experts.{e}.up_proj.weight": OnDisk(L + "mlp.experts.gate_up_proj", Role.EXPERT_UP),
+    L + "mlp.experts.{e}.down_proj.weight": OnDisk(L + "mlp.experts.down_proj"),
+}
+MIXTRAL_ON_DISK = {
+    L + "block_sparse_moe.gate.weight": OnDisk(L + "mlp.gate.weight"),
+    L + "block_sparse_moe.experts.{e}.w1.weight": OnDisk(L + "mlp.experts.gate_up_proj", Role.EXPERT_GATE),
+    L + "block_sparse_moe.experts.{e}.w3.weight": OnDisk(L + "mlp.experts.gate_up_proj", Role.EXPERT_UP),
+    L + "block_sparse_moe.experts.{e}.w2.weight": OnDisk(L + "mlp.experts.down_proj"),
 }
 SHARED_EXPERT = {
     L + "mlp.shared_expert.gate_proj.weight": Role.SHARED_GATE,
@@ -233,10 +262,10 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
         L + "self_attn.k_norm.weight": Role.K_NORM,
     }, HF_CONFIG),
     Family("mixtral", {**EMBED_HEAD, **PRE_NORMS, **ATTN, **EXPERTS}, MIXTRAL_CONFIG,
-           quirks=frozenset({"renormalized_topk"})),
+           quirks=frozenset({"renormalized_topk"}), disk=MIXTRAL_ON_DISK),
     Family("qwen2_moe", {**EMBED_HEAD, **PRE_NORMS, **ATTN, **ATTN_BIAS, **MLP, **EXPERTS, **SHARED_EXPERT},
            {**QWEN_MOE_CONFIG, "shared_d_ff": "shared_expert_intermediate_size"},
-           quirks=frozenset({"shared_expert", "sparse_layer_list"})),
+           quirks=frozenset({"shared_expert", "sparse_layer_list"}), disk=EXPERTS_ON_DISK),
     Family("qwen3_moe", {**EMBED_HEAD, **PRE_NORMS, **ATTN, **ATTN_BIAS, **HEAD_NORMS, **MLP, **EXPERTS},
-           QWEN_MOE_CONFIG, quirks=frozenset({"sparse_layer_list"})),
+           QWEN_MOE_CONFIG, quirks=frozenset({"sparse_layer_list"}), disk=EXPERTS_ON_DISK),
 ]}

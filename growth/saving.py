@@ -46,7 +46,7 @@ def _report_dict(report) -> dict | None:
     raise TypeError(f"report must be a GrowthReport, a CheckResult or a dict, got {type(report).__name__}")
 
 
-def _card(model: nn.Module, family: str, records: list[GrowthRecord], report: dict | None) -> str:
+def _card(model_class: str, family: str, records: list[GrowthRecord], report: dict | None) -> str:
     lines = [
         "---",
         "tags:",
@@ -54,7 +54,7 @@ def _card(model: nn.Module, family: str, records: list[GrowthRecord], report: di
         "- model-growth",
         "---",
         "",
-        f"# {type(model).__name__} grown with growkit",
+        f"# {model_class} grown with growkit",
         "",
         "## Growth",
         "",
@@ -81,6 +81,22 @@ def _card(model: nn.Module, family: str, records: list[GrowthRecord], report: di
             lines.append(f"| {c.get('title', c.get('name'))} | {c.get('status')} | {summary} |")
     lines += ["", f"`{GROWTH_FILE}` holds where every tensor came from; `growkit.growth.load_grown` reads it back.", ""]
     return "\n".join(lines)
+
+
+def write_growth_files(directory: Path, family: str, model_class: str, records: list[GrowthRecord], report=None) -> None:
+    """Write ``growth.json`` and the model card into a checkpoint directory."""
+    report_dict = _report_dict(report)
+    payload = dict(format=FORMAT, family=family, model_class=model_class,
+                   records=[r.to_dict() for r in records], report=report_dict)
+    atomic_write_text(Path(directory) / GROWTH_FILE, json.dumps(payload, indent=1, allow_nan=True))
+    atomic_write_text(Path(directory) / CARD_FILE, _card(model_class, family, records, report_dict))
+
+
+def update_report(directory: str | os.PathLike, report) -> None:
+    """Store a check report in a saved checkpoint's ``growth.json`` and model card."""
+    data = read_growth_file(directory)
+    records = [GrowthRecord.from_dict(r) for r in data["records"]]
+    write_growth_files(Path(directory), data["family"], data.get("model_class", "?"), records, report)
 
 
 def save_grown(
@@ -122,10 +138,7 @@ def save_grown(
             from growkit.models import save_model
 
             save_model(model, tmp)
-        payload = dict(format=FORMAT, family=adapter.name, model_class=type(model).__name__,
-                       records=[r.to_dict() for r in records], report=report_dict)
-        atomic_write_text(tmp / GROWTH_FILE, json.dumps(payload, indent=1, allow_nan=True))
-        atomic_write_text(tmp / CARD_FILE, _card(model, adapter.name, records, report_dict))
+        write_growth_files(tmp, adapter.name, type(model).__name__, records, report_dict)
         os.chmod(tmp, 0o777 & ~_umask())
         if directory.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".old", dir=directory.parent))
