@@ -6,7 +6,7 @@ from torch import nn
 
 from .adapters import get_adapter
 from .depth import check_depth_args, grow_depth
-from .width import check_noise, check_scale, grow_width
+from .width import check_noise, check_scale, check_seed, grow_width
 
 
 def scale_bilaterally(
@@ -41,6 +41,7 @@ def scale_bilaterally(
     # Every argument is checked before the first (large) allocation.
     check_scale(scale_factor)
     check_noise(noise_std, noise)
+    check_seed(seed)
     # Width growth keeps the layer count, so the depth arguments are checked against the source.
     n_layers = get_adapter(model, "bilateral growth").n_layers(model)
     check_depth_args(extra_layers, depth_mode, positions, n_layers, mode_name="depth_mode")

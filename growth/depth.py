@@ -28,6 +28,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from growkit.kernels.memory import check_memory
+
 from .adapters import get_adapter
 from .plan import GrowthPlan, TensorPlan, TensorSpec, build_from_plan, source_specs
 from .records import GrowthRecord, Source
@@ -69,6 +71,22 @@ def check_depth_args(extra_layers, mode, positions, n_layers, *, mode_name: str 
                 f"numbered from 0; a new layer goes after the named one), got {p!r}"
             )
     return sorted(positions)
+
+
+def check_depth_memory(adapter, specs: dict[str, TensorSpec], extra_layers: int, device) -> None:
+    """ValueError naming ``extra_layers`` when the deeper model cannot fit in ``device``'s free
+    memory (estimated from the source's tensor sizes: its largest layer per new layer),
+    before anything is planned or allocated."""
+    roles = adapter.roles_for_names(specs)
+    per_layer: dict[int, int] = {}
+    total = 0
+    for name, spec in specs.items():
+        total += spec.nbytes
+        layer = roles[name].layer
+        if layer is not None:
+            per_layer[layer] = per_layer.get(layer, 0) + spec.nbytes
+    check_memory(total + extra_layers * max(per_layer.values(), default=0), device,
+                 f"extra_layers={extra_layers}")
 
 
 def layer_plan(n_layers: int, extra_layers: int, mode: str, positions: list[int] | None) -> list[tuple[int, str]]:
@@ -172,5 +190,6 @@ def grow_depth(
     n_layers = adapter.n_layers(model)
     positions = check_depth_args(extra_layers, mode, positions, n_layers)
     specs, state, tied = source_specs(adapter, model)
+    check_depth_memory(adapter, specs, extra_layers, next(iter(state.values())).device)
     plan = plan_depth(adapter, model.config, specs, tied, extra_layers, mode, positions)
     return build_from_plan(plan, plan.execute(state.__getitem__), like=model)

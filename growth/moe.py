@@ -25,6 +25,8 @@ import math
 import torch
 from torch import nn
 
+from growkit.kernels.memory import check_memory
+
 from .adapters import ADAPTERS, get_adapter
 from .families import FAMILIES
 from .plan import GrowthPlan, TensorPlan, TensorSpec, build_from_plan, source_specs
@@ -142,6 +144,11 @@ def upcycle_to_moe(
     if adapter.is_moe(model):
         raise ValueError("model is already a mixture of experts: upcycle_to_moe takes a dense model")
     specs, state, tied = source_specs(adapter, model)
+    # The upcycled model's size (every MLP tensor n_experts times) against the free memory.
+    roles = adapter.roles_for_names(specs)
+    check_memory(sum(s.nbytes * (n_experts if roles[n].rule.expert_role is not None else 1)
+                     for n, s in specs.items()),
+                 next(iter(state.values())).device, f"n_experts={n_experts}")
     plan = plan_moe(adapter, target, model.config, specs, tied, n_experts, top_k, router_std=router_std,
                     expert_noise_std=expert_noise_std, seed=seed, norm_topk_prob=norm_topk_prob)
     return build_from_plan(plan, plan.execute(state.__getitem__), like=model)

@@ -30,13 +30,28 @@ def transfer_adam_state(
             ``exp_avg_sq``); ``new_optimizer`` must optimize ``new_model``'s parameters.
 
     Returns:
-        The number of new parameters that received a state.
+        The number of new parameters that received a state (0 when ``old_optimizer`` has
+        not taken a step yet).
+
+    Raises:
+        ValueError: If ``new_model`` carries no growth records, or an optimizer holds none
+            of its model's parameters (the wrong optimizer: nothing could be carried over).
     """
     records = getattr(new_model, "growth_records", None)
     if not records:
         raise ValueError(
             "new_model has no growth_records: pass the model a growkit growth operator returned"
         )
+    for name, opt, model, which in (("old_optimizer", old_optimizer, old_model, "old_model"),
+                                     ("new_optimizer", new_optimizer, new_model, "new_model")):
+        if not isinstance(opt, torch.optim.Optimizer):
+            raise TypeError(f"{name} must be a torch.optim.Optimizer (Adam or AdamW), got {type(opt).__name__}")
+        held = {id(p) for group in opt.param_groups for p in group["params"]}
+        if not any(id(p) in held for p in model.parameters()):
+            raise ValueError(
+                f"{name} holds none of {which}'s parameters ({len(held)} others): pass the optimizer "
+                f"built over {which}.parameters()"
+                + (" (the one that trained it)" if which == "old_model" else ""))
     from .adapters import get_adapter
 
     old_adapter, new_adapter = get_adapter(old_model, "optimizer-state transfer"), get_adapter(new_model)

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from growkit.kernels import hyperclone
+from growkit.kernels.memory import check_memory
 
 from .adapters import get_adapter
 from .plan import GrowthPlan, TensorPlan, TensorSpec, build_from_plan, source_specs
@@ -53,6 +54,13 @@ def check_noise(noise_std, noise) -> float:
     if noise not in ("zero_sum", "independent"):
         raise ValueError(f"noise must be 'zero_sum' or 'independent', got {noise!r}")
     return float(noise_std)
+
+
+def check_seed(seed) -> int:
+    """A whole number in [0, 2**64); ValueError quoting the value given otherwise."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be a whole number in [0, 2**64), got {seed!r}")
+    return seed
 
 
 def derive_seed(seed: int, name: str) -> int:
@@ -237,9 +245,13 @@ def grow_width(
     """
     scale = check_scale(scale_factor)
     noise_std = check_noise(noise_std, noise)
+    check_seed(seed)
     adapter = get_adapter(model, "width growth")
     specs, state, tied = source_specs(adapter, model)
     plan = plan_width(adapter, model.config, specs, tied, scale, noise_std=noise_std, noise=noise, seed=seed)
+    # the plan knows every output's size: refuse before the first allocation
+    device = next(iter(state.values())).device if state else "cpu"
+    check_memory(sum(t.spec.nbytes for t in plan.tensors.values()), device, f"scale_factor={scale}")
     if tied and not plan.tied:
         warnings.warn(f"{adapter.name}: tied embeddings cannot stay tied and exact without one final norm "
                       "to absorb the 1/s of the output side; the grown model's LM head is untied", stacklevel=2)

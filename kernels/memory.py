@@ -59,3 +59,76 @@ def empty_cpu(shape, dtype: torch.dtype) -> torch.Tensor:
     out = torch.empty(shape, dtype=dtype)
     advise_huge_pages(out)
     return out
+
+
+# --------------------------------------------------------------------------------------
+# How much memory there is, before allocating (the growth operators' size checks)
+# --------------------------------------------------------------------------------------
+def _meminfo_available() -> int | None:
+    """MemAvailable of /proc/meminfo, capped by a cgroup v2/v1 memory limit (containers)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            with open(limit_file, encoding="ascii") as f:
+                limit = f.read().strip()
+            with open(usage_file, encoding="ascii") as f:
+                usage = int(f.read().strip())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit() and int(limit) < (1 << 60):
+            avail = min(avail, max(0, int(limit) - usage))
+        break
+    return avail
+
+
+def available_memory(device: torch.device | str = "cpu") -> int | None:
+    """Bytes that can still be allocated on ``device``; None when it cannot be told.
+
+    CPU: ``MemAvailable`` from ``/proc/meminfo`` (no psutil needed), within the cgroup's
+    limit; CUDA: ``torch.cuda.mem_get_info`` (free bytes). Other devices and other
+    operating systems: None (no check).
+    """
+    dev = torch.device(device)
+    if dev.type == "cpu":
+        return _meminfo_available()
+    if dev.type == "cuda" and torch.cuda.is_available():
+        try:
+            return int(torch.cuda.mem_get_info(dev)[0])
+        except Exception:  # noqa: BLE001 - an unusable device: let the allocation report it
+            return None
+    return None
+
+
+def format_bytes(n: float) -> str:
+    for unit, scale in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+SMALL_BYTES = 64 << 20  # results up to this size are not checked
+
+
+def check_memory(nbytes: int, device: torch.device | str, what: str) -> None:
+    """ValueError when a result of ``nbytes`` cannot fit in ``device``'s free memory.
+
+    Args:
+        nbytes: estimated size of what is about to be allocated.
+        device: where it would go.
+        what: the argument responsible, e.g. ``"extra_layers=1000000"``; the message
+            starts with it.
+    """
+    if nbytes <= SMALL_BYTES:
+        return  # not worth a look at /proc/meminfo (growth makes many small tensors)
+    avail = available_memory(device)
+    if avail is not None and nbytes > avail:
+        raise ValueError(
+            f"{what}: the result needs about {format_bytes(nbytes)} but only "
+            f"{format_bytes(avail)} is available on {torch.device(device)}; use a smaller value "
+            "(or free memory / use a larger machine)")

@@ -185,9 +185,32 @@ class ModelConfig:
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> "ModelConfig":
-        """Reads a config written by :meth:`to_json`."""
-        with open(path, encoding="utf-8") as f:
-            d = json.load(f)
+        """Reads a config written by :meth:`to_json`.
+
+        Such a file lists every field; one that lacks a field that shapes the model or its
+        function (all but :data:`OPTIONAL_IN_FILE`) is refused rather than completed with
+        the default, which could silently build a different model.
+
+        Raises:
+            ValueError: If the file is not valid JSON, not an object, lacks a field, or
+                fails validation.
+        """
+        try:
+            with open(path, encoding="utf-8") as f:
+                d = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
         if not isinstance(d, dict):
             raise ValueError(f"{path}: expected a JSON object, got {type(d).__name__}")
+        missing = [f.name for f in fields(cls) if f.name not in d and f.name not in OPTIONAL_IN_FILE]
+        if missing:
+            raise ValueError(
+                f"{path}: missing ModelConfig fields {missing}; a saved config lists every field "
+                "(ModelConfig.to_json), and a default could build a different model than the "
+                "weights were trained in")
         return cls.from_dict(d)
+
+
+#: Fields a config file may leave out: the RoPE cache length (the tables grow on demand)
+#: and the MoE load-balancing weight (training only). Every other field is required.
+OPTIONAL_IN_FILE = ("max_seq_len", "aux_loss_coef")

@@ -10,6 +10,7 @@ previous config; write to a fresh directory when that matters.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from typing import Callable
 
@@ -119,11 +120,17 @@ def load_model(
         The model in train mode, as ``Transformer(cfg)`` would be.
 
     Raises:
-        ValueError: If the stored keys or shapes do not match the config's model.
+        ValueError: If the config lacks a field, does not match the tensors in the file
+            (checked from the file's header before anything is built:
+            :func:`check_config_against_file`), or the stored keys or shapes do not match
+            the config's model.
     """
     directory = os.fspath(directory)
     cfg = ModelConfig.from_json(os.path.join(directory, CONFIG_NAME))
-    state = load_file(os.path.join(directory, WEIGHTS_NAME), device=str(device))
+    weights = os.path.join(directory, WEIGHTS_NAME)
+    # Bound the config by the tensors in the file before building or allocating anything.
+    check_config_against_file(cfg, weights)
+    state = load_file(weights, device=str(device))
 
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
@@ -131,6 +138,68 @@ def load_model(
         return model_from_state_dict(cfg, state)
     except ValueError as exc:
         raise ValueError(f"{directory}: {exc}") from None
+
+
+#: RoPE tables (cos and sin, float32) up to this size are always accepted; above it they
+#: may not exceed the weights themselves (see :func:`check_config_against_file`).
+ROPE_TABLES_FREE_BYTES = 64 << 20
+_LAYER_KEY = re.compile(r"^layers\.(\d+)\.")
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit, scale in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def check_config_against_file(cfg: ModelConfig, weights: str | os.PathLike) -> None:
+    """Checks a checkpoint's config against the tensors its safetensors file holds.
+
+    Reads only the file's header (names and shapes), so a crafted or damaged
+    ``config.json`` is refused before anything is built from it: the layer count, the
+    vocabulary and the width must be those of the stored tensors, and the RoPE tables
+    ``max_seq_len`` asks for (2 x max_seq_len x head_dim float32) may not exceed the
+    weights' own size (beyond :data:`ROPE_TABLES_FREE_BYTES`).
+
+    Raises:
+        ValueError: Naming the field, its value and what the file holds.
+    """
+    from safetensors import safe_open
+
+    weights = os.fspath(weights)
+    try:
+        with safe_open(weights, framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a truncated or foreign file
+        raise ValueError(f"{weights}: not a readable safetensors file ({e})") from None
+    layers = {int(m.group(1)) for k in shapes if (m := _LAYER_KEY.match(k))}
+    if layers != set(range(len(layers))):
+        raise ValueError(f"{weights}: layer indices {sorted(layers)} are not 0..{len(layers) - 1}")
+    if cfg.n_layers != len(layers):
+        raise ValueError(
+            f"config.json n_layers={cfg.n_layers}, but {WEIGHTS_NAME} holds {len(layers)} layers; "
+            "the config does not belong to these weights")
+    embed = shapes.get("embed.weight")
+    if embed is not None and embed != (cfg.vocab_size, cfg.d_model):
+        raise ValueError(
+            f"config.json vocab_size={cfg.vocab_size}, d_model={cfg.d_model}, but {WEIGHTS_NAME} "
+            f"holds an embedding of shape {list(embed)}")
+    routers = [shape[0] for k, shape in shapes.items() if k.endswith(".mlp.router.weight") and shape]
+    if (cfg.n_experts > 0) != bool(routers) or any(n != cfg.n_experts for n in routers):
+        raise ValueError(
+            f"config.json n_experts={cfg.n_experts}, but {WEIGHTS_NAME} holds "
+            f"{'routers over ' + str(sorted(set(routers))) + ' experts' if routers else 'no MoE router'}")
+    rope = 2 * 4 * cfg.max_seq_len * cfg.head_dim
+    size = os.path.getsize(weights)
+    if rope > max(size, ROPE_TABLES_FREE_BYTES):
+        raise ValueError(
+            f"config.json max_seq_len={cfg.max_seq_len} asks for {_fmt_bytes(rope)} of RoPE tables, "
+            f"more than the {_fmt_bytes(size)} of weights in {WEIGHTS_NAME}: refused as damaged or "
+            "crafted. max_seq_len only sizes that cache (longer inputs still work, the tables "
+            "grow on demand): lower it")
 
 
 def model_from_state_dict(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> Transformer:

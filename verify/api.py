@@ -15,14 +15,14 @@ import time
 import torch
 from torch import nn
 
-from .context import Comparison
+from .context import Comparison, check_pair
 from .identity import identity_check
 from growkit.growth.adapters import get_adapter
 
 from .report import GrowthReport
 from .rope import rope_check
 from .router import DEFAULT_COLLAPSE_SHARE, router_check
-from .state import on_device
+from .state import check_device, on_device
 from .symmetry import DEFAULT_MIN_DIVERGENCE, has_upcycled_experts, symmetry_from_context
 
 CONFIG_FIELDS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff", "n_experts", "top_k")
@@ -81,8 +81,17 @@ def run_growth_checks(
 
     Returns:
         A :class:`GrowthReport` (``.passed``, ``report[name]``, ``str(report)``, ``.to_json()``).
+
+    Raises:
+        ValueError: before anything runs or moves: ``device`` unknown to torch, ``"meta"``
+            or absent on this machine (``"cuda"`` without CUDA); a model growkit cannot
+            read (the message lists what is supported); vocabularies of different sizes.
+        TypeError: a model that is not an ``nn.Module``.
     """
     t_start = time.perf_counter()
+    # Refused before anything moves: a device the checks cannot run on, models they cannot read.
+    check_device(device)
+    check_pair(old_model, new_model)
     with on_device([old_model, new_model], device) as dev:
         if probe is not None and isinstance(probe, torch.Tensor):
             probe = probe.to(dev)
@@ -144,9 +153,13 @@ def verify_functional_equivalence(
     ``str(report)``, ``.to_json()``). Prints nothing unless ``verbose=True``.
 
     Raises:
-        ValueError: if the two models differ in width (use :func:`run_growth_checks`).
+        ValueError: if the two models differ in width (use :func:`run_growth_checks`), or
+            in vocabulary, or ``device`` is one the check cannot run on.
+        TypeError: if a model is not an ``nn.Module``.
     """
     t_start = time.perf_counter()
+    check_device(device)
+    check_pair(dense_model, moe_model, ("dense_model", "moe_model"))
     with on_device([dense_model, moe_model], device) as dev:
         if probe is not None and isinstance(probe, torch.Tensor):
             probe = probe.to(dev)

@@ -14,8 +14,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from growkit.growth.adapters import get_adapter
+
 from .pairing import COPY, IDENTITY, Pairing, measured_scale, pair_layers, width_records_scale
-from .probe import ProbeRun, check_probe, make_probe, run_probe
+from .probe import ProbeRun, check_probe, make_probe, run_probe, vocab_size
 from .state import model_device
 from .stats import abs_stats, diff_stats, relative
 
@@ -34,6 +36,31 @@ def default_tolerance(*models: nn.Module) -> float:
     """The tolerance for the lowest-precision floating dtype among the models' parameters."""
     dtypes = {p.dtype for m in models for p in m.parameters() if p.is_floating_point()}
     return max([DEFAULT_TOLERANCE] + [DTYPE_TOLERANCES.get(d, DEFAULT_TOLERANCE) for d in dtypes])
+
+
+def check_model(model, name: str = "model") -> None:
+    """TypeError/ValueError naming ``name`` and what is accepted when growkit cannot verify
+    ``model`` (not an nn.Module, or an architecture without a family table entry)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{name} must be a torch.nn.Module (a growkit.models.Transformer or a "
+                        f"supported transformers model), got {type(model).__name__}")
+    try:
+        get_adapter(model, "verification")
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
+
+
+def check_pair(old, new, names: tuple[str, str] = ("old_model", "new_model")) -> None:
+    """Both models verifiable (:func:`check_model`) and sharing one vocabulary: growth never
+    changes the vocabulary, so differing sizes mean the wrong pair of models."""
+    check_model(old, names[0])
+    check_model(new, names[1])
+    v_old, v_new = vocab_size(old), vocab_size(new)
+    if v_old != v_new:
+        raise ValueError(
+            f"{names[0]} has a vocabulary of {v_old} tokens and {names[1]} one of {v_new}: growth "
+            f"keeps the vocabulary, so these cannot be source and grown model; pass the model "
+            f"{names[1]} was grown from")
 
 
 def check_tolerance(tolerance) -> float:
@@ -84,6 +111,7 @@ class Comparison:
         tolerance: float | None = None,
         min_len: int = 2,
     ) -> None:
+        check_pair(old, new)
         self.old, self.new = old, new
         if probe is None:
             probe = make_probe(new)

@@ -41,6 +41,7 @@ from growkit.growth.adapters import get_adapter
 from growkit.growth.roles import Role
 from growkit.kernels import block_divergence
 
+from .context import check_model
 from .pairing import twin_axes, width_records_scale
 from .probe import hook_modules
 from .report import jsonable
@@ -108,6 +109,7 @@ class GrowthMonitor:
     ) -> None:
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a whole number >= 1, got {every!r}")
+        check_model(model)
         self.model = model
         self.every = every
         self.scale = scale_factor if scale_factor is not None else (width_records_scale(model) or 1)
@@ -147,6 +149,15 @@ class GrowthMonitor:
             module.register_forward_hook(self._keep_router_logits(layer))
             for layer, module in sorted(hook_modules(model, Role.ROUTER).items())
         ]
+        if not self._groups and not self._hooks:
+            why = ("it has no growth records and no MoE router" if not getattr(model, "growth_records", None)
+                   else "its growth made no clones (scale 1) and it has no MoE router")
+            warnings.warn(
+                f"GrowthMonitor has nothing to monitor on this {type(model).__name__}: {why}, so "
+                "there are no twin blocks to compare and no routing load to watch; pass the model "
+                "a growth operator returned (grow_width, scale_bilaterally, upcycle_to_moe), or "
+                "scale_factor=... for a model widened elsewhere",
+                GrowthWarning, stacklevel=2)
 
     def _keep_router_logits(self, layer: int):
         store = self._router_logits

@@ -23,6 +23,7 @@ import math
 import torch
 from torch import nn
 
+from .context import check_model
 from .probe import check_probe, make_probe, run_probe, vocab_size
 from .report import FAILED, PASSED, CheckResult
 from .stats import abs_stats, diff_stats, relative
@@ -54,6 +55,7 @@ def quick_sanity_check(
     Returns:
         A :class:`CheckResult` named ``sanity`` (``.passed``, ``str()``, ``.to_json()``).
     """
+    check_model(model)
     if probe is None:
         probe = make_probe(model)
     probe = check_probe(probe, [model]).to(next(model.parameters()).device)

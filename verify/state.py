@@ -62,22 +62,85 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def _devices(model: nn.Module) -> set[torch.device]:
+    return {t.device for t in model.parameters()} | {t.device for t in model.buffers() if t.numel()}
+
+
+def check_device(device, what: str = "device") -> torch.device | None:
+    """``device`` as a ``torch.device`` a check can run on, or None; ValueError otherwise.
+
+    Refused up front, before any model is moved: strings torch does not know, ``"meta"``
+    (it holds no values: moving a model there and back would lose its weights), and
+    devices this machine does not have (``"cuda"`` without CUDA, ``"cuda:3"`` with two
+    GPUs, ``"mps"`` off a Mac).
+    """
+    if device is None:
+        return None
+    if isinstance(device, bool) or not isinstance(device, (str, torch.device)):
+        raise ValueError(f"{what} must be a device string such as 'cpu' or 'cuda', a torch.device "
+                         f"or None (the new model's device), got {device!r}")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"{what}={device!r} is not a device torch knows; use 'cpu', 'cuda', "
+                         "'cuda:N' or None (the new model's device)") from None
+    if dev.type == "meta":
+        raise ValueError(f"{what}={device!r}: the meta device holds no values, so the checks "
+                         "cannot run there (and moving the models there would lose their "
+                         "weights); use 'cpu' or 'cuda'")
+    if dev.type == "cpu":
+        return dev
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{what}={device!r} but CUDA is not available here; use 'cpu'")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"{what}={device!r} but this machine has {torch.cuda.device_count()} "
+                             "CUDA device(s)")
+        return dev
+    backend = getattr(torch, dev.type, None)
+    available = getattr(backend, "is_available", None)
+    if available is None or not available():
+        raise ValueError(f"{what}={device!r}: no {dev.type} device is available here; use 'cpu'")
+    return dev
+
+
 @contextmanager
 def on_device(models: list[nn.Module], device: torch.device | str | None) -> Iterator[torch.device]:
     """Move ``models`` to ``device`` for the block, then back to where each was.
 
     ``device=None`` uses the last model's device (the grown model, in the checks).
-    Yields the device used.
+    Yields the device used. Refuses (ValueError naming ``device``, before moving anything)
+    devices the checks cannot run on (:func:`check_device`), models on the meta device,
+    and models spread over several devices that would have to move. Every model is back
+    on its device afterwards, whatever raised in the block or in a move.
     """
     unique = list({id(m): m for m in models}.values())
     homes = [model_device(m) for m in unique]
-    target = torch.device(device) if device is not None else homes[-1]
+    target = check_device(device)
+    if target is None:
+        target = check_device(homes[-1], "device (None: the new model's device)")
+    for m, home in zip(unique, homes):
+        spread = _devices(m)
+        if any(d.type == "meta" for d in spread):
+            raise ValueError(f"a {type(m).__name__} to verify has tensors on the meta device (no "
+                             "values); load its weights first")
+        if home != target and len(spread) > 1:
+            raise ValueError(
+                f"device={str(target)!r}: a {type(m).__name__} to verify is spread over "
+                f"{sorted(map(str, spread))}; it cannot be moved and restored as one: pass "
+                "device=None with both models on one device")
     try:
         for m, home in zip(unique, homes):
             if home != target:
                 m.to(target)
         yield target
     finally:
+        errors = []
         for m, home in zip(unique, homes):
-            if model_device(m) != home:
-                m.to(home)
+            try:
+                if any(d != home for d in _devices(m)):
+                    m.to(home)
+            except Exception as e:  # noqa: BLE001 - restore the others, then report
+                errors.append(e)
+        if errors:
+            raise errors[0]
