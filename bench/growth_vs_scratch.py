@@ -1,20 +1,34 @@
-"""Does growth pay? The three-phase pipeline vs the final architecture trained from scratch.
+"""Does growth pay? Three arms at equal training FLOPs, several seeds.
 
-    python bench/growth_vs_scratch.py --preset tiny
+    python bench/growth_vs_scratch.py --quick                  # smoke test, ~2 min on 2 CPU cores
+    python bench/growth_vs_scratch.py --preset tiny            # the packaged stories
     python bench/growth_vs_scratch.py --preset small --data ../shared/data/tinystories/train.txt
+    python bench/growth_vs_scratch.py --preset gpu --data hf --seeds 0 1 2
 
-1. Runs the pipeline (dense -> MoE -> wider and deeper MoE) with the given preset.
-2. Trains the pipeline's final (phase-3) architecture from a random init on the same data,
-   batches drawn the same way, until it has spent the same training FLOPs as the whole
-   pipeline (``growkit.train.metrics.training_flops_per_token``), with the phase-1 peak
-   learning rate and warmup + cosine schedule over its whole run.
-3. Reports validation loss against FLOPs for both, the FLOPs each needs to reach the
-   scratch run's final loss, and the saving, with a plot.
+Arms, each trained on the same data with the same batch size, sequence length, optimizer
+(AdamW, the pipeline's settings) and validation windows, for the same training FLOPs
+(``growkit.train.metrics.training_flops_per_token``; the budget is what the pipeline
+spends):
 
-Reference points from the literature (not measured here): HyperCloning reports 2.2-4x
-fewer tokens to reach a random-init baseline's accuracy; G_stack reaches a 7B baseline's
-loss with 194B instead of 300B tokens; bert2BERT saves about 45%. Small models on small
-data need not behave like that: this script reports what it measures, whatever it shows.
+(a) ``pipeline``: the three-phase pipeline (dense -> MoE -> wider and deeper MoE), as
+    ``python train_tinystories.py`` runs it with the preset.
+(b) ``scratch``: the pipeline's final (phase-3) architecture from a random init, warmup +
+    the preset's schedule over its whole run; its peak learning rate is chosen by a sweep
+    (``--scratch-lrs``, default the phase-1 rate times 1/3, 1 and 3): every rate's curves
+    are kept in the JSON, the one with the lowest mean final validation loss is reported.
+(c) ``source``: the phase-1 dense model trained on without growth, at the phase-1 peak
+    rate, warmup + schedule over its whole run.
+
+Each arm runs with every seed (``--seeds``, at least 2; the seed sets the init, the data
+split and the batches, shared by the arms of that seed). The report gives each arm's
+final validation loss (mean, standard deviation, min, max over seeds), the FLOPs at which
+each arm first reaches (b)'s final loss and (c)'s final loss (linear interpolation
+between evaluations; the mean over seeds, None when a seed never reaches it), each
+growth's post-growth loss spike, and whether (b) ends below (c): only where it does can
+growth pay, since below that budget the small model trained on is the better use of the
+compute. Writes ``<results-dir>/growth_vs_scratch_<preset>[_quick]_<data>.json`` and a
+``.png`` with all three arms' validation loss against FLOPs (mean over seeds, band from
+min to max).
 """
 
 from __future__ import annotations
@@ -22,9 +36,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
 import tempfile
+import textwrap
+import time
+from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -32,13 +51,31 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS_DIR, atomic_write_text, device_label  # noqa: E402
 
 from growkit.models import ModelConfig, Transformer, causal_lm_loss  # noqa: E402
-from growkit.train.config import TrainConfig, preset_config  # noqa: E402
-from growkit.train.metrics import read_metrics, training_flops_per_token  # noqa: E402
+from growkit.train.config import PRESETS, TrainConfig, preset_config  # noqa: E402
+from growkit.train.data import load_tokenizer, prepare_data  # noqa: E402
+from growkit.train.metrics import (  # noqa: E402
+    post_growth_spikes,
+    read_metrics,
+    training_flops_per_token,
+)
 from growkit.train.pipeline import run  # noqa: E402
-from growkit.train.trainer import Trainer, make_optimizer  # noqa: E402
+from growkit.train.trainer import lr_at, make_optimizer  # noqa: E402
+
+#: --quick: a small model and a few hundred steps; every code path, minutes not hours.
+QUICK = dict(
+    d_model=32, n_layers=2, n_heads=2, seq_len=32, batch_size=8, n_experts=4, top_k=2,
+    scale_factor=2, extra_layers=1, steps_phase1=160, steps_phase2=40, steps_phase3=40,
+    eval_interval=20, eval_batches=4, log_interval=20, checkpoint_every=0,
+    keep_checkpoints=1, device="cpu",
+    # One thread: on a small CPU shared with other work, two OpenMP threads on these tiny
+    # matrices can run 50x slower than one (oversubscription); a GPU run ignores it.
+    threads=1,
+)
+
+Curve = list[tuple[float, float]]
 
 
-def flops_to_reach(curve: list[tuple[float, float]], target: float) -> float | None:
+def flops_to_reach(curve: Curve, target: float) -> float | None:
     """First FLOPs at which the (flops, val_loss) curve is at or below ``target``,
     linearly interpolated between evaluations; None if never."""
     prev = None
@@ -52,107 +89,318 @@ def flops_to_reach(curve: list[tuple[float, float]], target: float) -> float | N
     return None
 
 
-def train_scratch(cfg: TrainConfig, run_dir: Path, final_cfg: ModelConfig, budget_flops: float,
-                  n_evals: int = 12) -> list[tuple[float, float]]:
-    dataset, tokenizer, desc = Trainer.load_data(cfg, run_dir)
-    trainer = Trainer(cfg, run_dir, dataset, tokenizer, desc, resume=False)  # for evaluate()
-    torch.manual_seed(cfg.seed)
-    model = Transformer(final_cfg)
-    model.init_weights(seed=cfg.seed + 1)
-    model = model.to(trainer.device)
-    opt = make_optimizer(model, cfg, cfg.lr_phase1)
-    per_step = training_flops_per_token(final_cfg, cfg.seq_len) * cfg.batch_size * cfg.seq_len
-    steps = max(1, int(budget_flops // per_step))
-    warm = max(1, int(cfg.warmup_frac_phase1 * steps))
-    eval_every = max(1, steps // n_evals)
+def stats(values: list[float]) -> dict[str, Any]:
+    return {"mean": statistics.fmean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "min": min(values), "max": max(values), "n": len(values), "values": values}
+
+
+def mean_or_none(values: list[float | None]) -> float | None:
+    return None if not values or any(v is None for v in values) else statistics.fmean(values)
+
+
+# ---------------------------------------------------------------------------
+# Training an arm outside the pipeline
+# ---------------------------------------------------------------------------
+
+class Evaluator:
+    """The pipeline's validation loss (Trainer.evaluate): the same fixed windows."""
+
+    def __init__(self, ds, cfg: TrainConfig, device: torch.device) -> None:
+        self.batches = list(ds.val_batches(cfg.batch_size, cfg.seq_len,
+                                           max_batches=cfg.eval_batches, device=device))
+        self.autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) \
+            if cfg.dtype == "bfloat16" else nullcontext
+
+    @torch.no_grad()
+    def __call__(self, model: torch.nn.Module) -> float:
+        model.eval()
+        total, count = 0.0, 0
+        for x, y in self.batches:
+            with self.autocast():
+                loss = causal_lm_loss(model(x), y)
+            total += float(loss) * y.numel()
+            count += y.numel()
+        model.train()
+        return total / count
+
+
+def train_arm(ds, cfg: TrainConfig, model_cfg: ModelConfig, lr: float, budget: float,
+              evaluate: Evaluator, device: torch.device, n_evals: int, label: str) -> dict:
+    """Trains ``model_cfg`` from ``cfg.seed``'s init for ``budget`` FLOPs; the curve."""
+    per_step = training_flops_per_token(model_cfg, cfg.seq_len) * cfg.batch_size * cfg.seq_len
+    steps = max(1, int(budget // per_step))
+    # The pipeline's phase-1 schedule (warmup fraction, cosine/constant, floor) over the
+    # arm's whole run, at peak rate ``lr``.
+    sched = TrainConfig.from_dict({"steps_phase1": steps, "lr_phase1": lr}, base=cfg)
+    model = Transformer(model_cfg)
+    model.init_weights(seed=cfg.seed)
+    model = model.to(device).train()
+    opt = make_optimizer(model, cfg, lr)
     gen = torch.Generator().manual_seed(cfg.seed)
-    curve = [(0.0, trainer.evaluate(model))]
-    model.train()
+    autocast = evaluate.autocast
+    eval_every = max(1, steps // n_evals)
+    curve: Curve = [(0.0, evaluate(model))]
+    t0 = time.perf_counter()
     for step in range(steps):
-        lr = cfg.lr_phase1 * ((step + 1) / warm if step < warm else
-                              cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 *
-                              (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm - 1))))
         for g in opt.param_groups:
-            g["lr"] = lr
-        x, y = dataset.get_batch("train", cfg.batch_size, cfg.seq_len, gen, device=trainer.device)
-        loss = causal_lm_loss(model(x), y)
-        if final_cfg.n_experts > 0 and final_cfg.aux_loss_coef:
-            loss = loss + final_cfg.aux_loss_coef * model.aux_loss()
+            g["lr"] = lr_at(sched, 1, step)
+        x, y = ds.get_batch("train", cfg.batch_size, cfg.seq_len, gen, device=device)
+        with autocast():
+            loss = causal_lm_loss(model(x), y)
+            if model_cfg.n_experts > 0 and model_cfg.aux_loss_coef:
+                loss = loss + model_cfg.aux_loss_coef * model.aux_loss()
         loss.backward()
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if (step + 1) % eval_every == 0 or step == steps - 1:
-            curve.append(((step + 1) * per_step, trainer.evaluate(model)))
-            print(f"scratch step {step + 1}/{steps}: val loss {curve[-1][1]:.4f}")
-    return curve
+            curve.append(((step + 1) * per_step, evaluate(model)))
+    wall = time.perf_counter() - t0
+    if not math.isfinite(curve[-1][1]):
+        print(f"  {label}: diverged (val loss {curve[-1][1]})")
+    print(f"  {label}: {steps} steps, final val loss {curve[-1][1]:.4f} ({wall:.1f} s)")
+    return {"lr": lr, "steps": steps, "flops_per_step": per_step, "curve": curve,
+            "final_val_loss": curve[-1][1], "wall_s": wall}
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="tiny")
-    p.add_argument("--data", default=None, help="TinyStories .txt path (default: the embedded stories)")
-    p.add_argument("--out", default=None, help="run directory parent (default: a temp dir)")
-    args = p.parse_args(argv)
+# ---------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------
 
-    overrides = {"plot": False}
-    if args.data:
-        overrides["data"] = args.data
-    out_dir = Path(args.out or tempfile.mkdtemp(prefix="growth_vs_scratch_"))
-    cfg = preset_config(args.preset, out_dir=str(out_dir), **overrides)
-    code = run(cfg)
-    if code != 0:
-        raise SystemExit(f"pipeline failed with exit status {code}")
-    run_dir = max((d for d in out_dir.iterdir() if (d / "summary.json").is_file()), key=lambda d: d.stat().st_mtime)
-    summary = json.loads((run_dir / "summary.json").read_text())
-    final_cfg = ModelConfig.from_dict(summary["phases"]["3"]["model_config"])
-    pipe_curve = [(r["flops"], r["val_loss"]) for r in read_metrics(run_dir / "metrics.jsonl")
-                  if r.get("val_loss") is not None]
-    budget = summary["flops"]
-    cfg = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
-    scratch_curve = train_scratch(cfg, run_dir, final_cfg, budget)
+def _mean_curve(curves: list[Curve]) -> tuple[list[float], list[float], list[float], list[float]]:
+    """Pointwise mean/min/max of curves evaluated at the same FLOPs (same steps)."""
+    n = min(len(c) for c in curves)
+    xs = [statistics.fmean(c[i][0] for c in curves) for i in range(n)]
+    ys = [[c[i][1] for c in curves] for i in range(n)]
+    return xs, [statistics.fmean(v) for v in ys], [min(v) for v in ys], [max(v) for v in ys]
 
-    target = scratch_curve[-1][1]
-    pipe_flops = flops_to_reach(pipe_curve, target)
-    scratch_flops = flops_to_reach(scratch_curve, target)
-    result = dict(
-        preset=args.preset, data=summary["data"], device=device_label(torch.device(summary["device"])),
-        budget_flops=budget, final_architecture=final_cfg.to_dict(),
-        pipeline_final_val_loss=pipe_curve[-1][1], scratch_final_val_loss=target,
-        pipeline_flops_to_reach_scratch_final=pipe_flops, scratch_flops_to_reach_its_final=scratch_flops,
-        flops_saving=(1 - pipe_flops / scratch_flops) if pipe_flops and scratch_flops else None,
-        pipeline_curve=pipe_curve, scratch_curve=scratch_curve,
-        growth_points=summary.get("growth"),
-    )
-    print(f"\npipeline: final val loss {result['pipeline_final_val_loss']:.4f} after {budget:.3g} FLOPs")
-    print(f"scratch:  final val loss {target:.4f} after {scratch_curve[-1][0]:.3g} FLOPs")
-    if pipe_flops:
-        print(f"pipeline reaches the scratch run's final loss after {pipe_flops:.3g} FLOPs: "
-              f"saving {100 * result['flops_saving']:.1f}%")
-    else:
-        print("pipeline never reaches the scratch run's final loss within the same FLOPs")
-    stem = f"growth_vs_scratch_{args.preset}_{'file' if args.data else 'embedded'}"
-    atomic_write_text(RESULTS_DIR / f"{stem}.json", json.dumps(result, indent=2) + "\n")
+
+def plot(result: dict, path: Path) -> bool:
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        ax.plot(*zip(*pipe_curve), label="growkit pipeline (dense -> MoE -> grown)")
-        ax.plot(*zip(*scratch_curve), label="final architecture from scratch")
-        ax.axhline(target, color="gray", ls=":", lw=1)
-        ax.set_xlabel("training FLOPs")
-        ax.set_ylabel("validation loss")
-        ax.set_title(f"growth vs scratch ({args.preset}, {summary['data'][:40]})")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(RESULTS_DIR / f"{stem}.png", dpi=110)
-        print(f"wrote {RESULTS_DIR / stem}.json and .png")
     except ImportError:
-        print(f"wrote {RESULTS_DIR / stem}.json (matplotlib missing: no plot)")
+        return False
+    fig, ax = plt.subplots(figsize=(8, 5))
+    arms = result["arms"]
+    best = arms["scratch"]["best_lr"]
+    series = [
+        ("pipeline", [r["curve"] for r in arms["pipeline"]["runs"]], "#cc3311",
+         "(a) pipeline: dense -> MoE -> grown"),
+        ("scratch", [r["curve"] for r in arms["scratch"]["sweep"][str(best)]["runs"]], "#0077bb",
+         f"(b) final architecture from scratch (lr {best:g}, best of sweep)"),
+        ("source", [r["curve"] for r in arms["source"]["runs"]], "#009988",
+         "(c) phase-1 model trained on, no growth"),
+    ]
+    tops = []
+    for _, curves, color, label in series:
+        xs, mean, lo, hi = _mean_curve(curves)
+        ax.plot(xs, mean, color=color, lw=1.6, label=f"{label}; n={len(curves)}")
+        ax.fill_between(xs, lo, hi, color=color, alpha=0.2, lw=0)
+        tops += [m for x, m in zip(xs, mean) if x >= 0.1 * result["budget_flops"]][:1]
+    for lr, entry in arms["scratch"]["sweep"].items():
+        if lr != str(best):
+            xs, mean, _, _ = _mean_curve([r["curve"] for r in entry["runs"]])
+            ax.plot(xs, mean, color="#0077bb", lw=0.8, ls=":", alpha=0.8,
+                    label=f"(b) lr {float(lr):g}")
+    for g in arms["pipeline"]["growth_flops"]:
+        ax.axvline(g, color="black", ls="--", lw=0.8)
+    target = arms["scratch"]["final_val_loss"]["mean"]
+    ax.axhline(target, color="gray", ls=":", lw=1)
+    lows = [arms[a]["final_val_loss"]["min"] for a in ("pipeline", "source")] + [target]
+    if tops:
+        ax.set_ylim(min(lows) - 0.03 * abs(min(lows)), max(tops) * 1.02)
+    ax.set_xlabel("training FLOPs")
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.set_title(f"growth vs scratch vs no growth: {result['preset']}"
+                 f"{' (quick)' if result['quick'] else ''}, seeds {result['seeds']}\n"
+                 f"{textwrap.fill(result['data'], 110)}", fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    p.add_argument("--quick", action="store_true",
+                   help="a small model and a few hundred steps (smoke test, ~2 min on a CPU)")
+    p.add_argument("--data", default=None, help="'embedded' (default), 'hf' or a .txt path")
+    p.add_argument("--val-data", default=None, help="separate validation .txt file")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--scratch-lrs", type=float, nargs="+", default=None,
+                   help="peak learning rates of arm (b)'s sweep (default: the phase-1 rate "
+                        "x 1/3, 1, 3)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a TrainConfig field of the pipeline (repeatable)")
+    p.add_argument("--n-evals", type=int, default=None,
+                   help="evaluations of arms (b) and (c) (default 20, 10 with --quick)")
+    p.add_argument("--out", default=None, help="parent of the pipeline runs (default: temp)")
+    p.add_argument("--results-dir", default=str(RESULTS_DIR))
+    args = p.parse_args(argv)
+    if len(set(args.seeds)) < 2:
+        p.error("--seeds: give at least 2 different seeds (the report needs a spread)")
+
+    overrides: dict[str, Any] = dict(QUICK) if args.quick else {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            p.error(f"--set {item!r}: expected FIELD=VALUE")
+        overrides[key.strip().replace("-", "_")] = value.strip()
+    if args.data:
+        overrides["data"] = args.data
+    if args.val_data:
+        overrides["val_data"] = args.val_data
+    overrides.update(plot=False, progress=False)
+    base = preset_config(args.preset, **overrides)
+    lrs = sorted(args.scratch_lrs or [base.lr_phase1 / 3, base.lr_phase1, base.lr_phase1 * 3])
+    if len(lrs) < 3:
+        p.error("--scratch-lrs: give at least 3 learning rates")
+    n_evals = args.n_evals or (10 if args.quick else 20)
+    if base.threads > 0:  # the pipeline sets it for (a); (b) and (c) run here
+        torch.set_num_threads(base.threads)
+    out_dir = Path(args.out or tempfile.mkdtemp(prefix="growth_vs_scratch_"))
+    t_start = time.perf_counter()
+
+    pipe_runs: list[dict] = []
+    scratch: dict[float, list[dict]] = {lr: [] for lr in lrs}
+    source_runs: list[dict] = []
+    final_cfg = source_cfg = budget = device = None
+    data_desc = ""
+    for seed in args.seeds:
+        cfg = TrainConfig.from_dict({"seed": seed, "out_dir": str(out_dir),
+                                     "run_dir": str(out_dir / f"pipeline-seed{seed}")}, base=base)
+        print(f"\n=== seed {seed}: (a) pipeline ===")
+        code = run(cfg)
+        if code != 0:
+            raise SystemExit(f"pipeline (seed {seed}) failed with exit status {code}")
+        run_dir = Path(cfg.run_dir)
+        summary = json.loads((run_dir / "summary.json").read_text())
+        records = read_metrics(run_dir / "metrics.jsonl")
+        curve = [(r["flops"], r["val_loss"]) for r in records if r["kind"] == "eval"]
+        spikes = post_growth_spikes(records, {ph: cfg.steps(ph) for ph in (1, 2, 3)})
+        pipe_runs.append({"seed": seed, "curve": curve, "final_val_loss": curve[-1][1],
+                          "phase_final_val_loss": {k: v["final_val_loss"]
+                                                   for k, v in summary["phases"].items()},
+                          "post_growth_spike": {k: v["post_growth_spike"]
+                                                for k, v in spikes.items()},
+                          "growth_flops": [r["flops"] for r in records if r["kind"] == "growth"],
+                          "checks_passed": summary["checks_passed"],
+                          "wall_s": summary["wall_time_s"]})
+        final_cfg = ModelConfig.from_dict(summary["phases"]["3"]["model_config"])
+        source_cfg = ModelConfig.from_dict(summary["phases"]["1"]["model_config"])
+        budget = summary["flops"]
+        data_desc = summary["data"]
+        device = torch.device(summary["device"])
+
+        ds, _, _ = prepare_data(cfg, tokenizer=load_tokenizer(run_dir), log=None)
+        evaluate = Evaluator(ds, cfg, device)
+        for lr in lrs:
+            print(f"=== seed {seed}: (b) scratch, lr {lr:g} ===")
+            r = train_arm(ds, cfg, final_cfg, lr, budget, evaluate, device, n_evals,
+                          f"scratch lr {lr:g} seed {seed}")
+            scratch[lr].append({"seed": seed, **r})
+        print(f"=== seed {seed}: (c) source model trained on ===")
+        r = train_arm(ds, cfg, source_cfg, cfg.lr_phase1, budget, evaluate, device, n_evals,
+                      f"source seed {seed}")
+        source_runs.append({"seed": seed, **r})
+
+    sweep = {str(lr): {"lr": lr, "runs": runs,
+                       "final_val_loss": stats([r["final_val_loss"] for r in runs])}
+             for lr, runs in scratch.items()}
+    best_lr = min(lrs, key=lambda lr: sweep[str(lr)]["final_val_loss"]["mean"])
+    best_runs = scratch[best_lr]
+    arms = {
+        "pipeline": {"runs": pipe_runs,
+                     "final_val_loss": stats([r["final_val_loss"] for r in pipe_runs]),
+                     "growth_flops": pipe_runs[0]["growth_flops"],
+                     "post_growth_spike": {
+                         k: stats([r["post_growth_spike"][k] for r in pipe_runs])
+                         for k in pipe_runs[0]["post_growth_spike"]}},
+        "scratch": {"best_lr": best_lr, "lrs": lrs, "sweep": sweep, "runs": best_runs,
+                    # The best rate at an end of the sweep: widen it before trusting (b).
+                    "best_lr_at_edge": best_lr in (lrs[0], lrs[-1]),
+                    "final_val_loss": sweep[str(best_lr)]["final_val_loss"],
+                    "model_config": final_cfg.to_dict()},
+        "source": {"runs": source_runs,
+                   "final_val_loss": stats([r["final_val_loss"] for r in source_runs]),
+                   "model_config": source_cfg.to_dict()},
+    }
+    targets = {"scratch_final": arms["scratch"]["final_val_loss"]["mean"],
+               "source_final": arms["source"]["final_val_loss"]["mean"]}
+    for name, arm in arms.items():
+        arm["flops_to_target"] = {}
+        for tname, target in targets.items():
+            per_seed = [flops_to_reach(r["curve"], target) for r in arm["runs"]]
+            mean = mean_or_none(per_seed)
+            arm["flops_to_target"][tname] = {
+                "target_val_loss": target, "per_seed": per_seed,
+                "seeds_reached": sum(v is not None for v in per_seed),
+                "mean": mean,  # None unless every seed reached the target
+                "fraction_of_budget": None if mean is None else mean / budget}
+    result = {
+        "preset": args.preset, "quick": args.quick, "seeds": args.seeds, "data": data_desc,
+        "device": device_label(device), "budget_flops": budget,
+        "config": base.to_dict(), "overrides": {k: str(v) for k, v in overrides.items()},
+        "arms": arms, "targets": targets,
+        "scratch_below_source": targets["scratch_final"] < targets["source_final"],
+        "pipeline_below_source": arms["pipeline"]["final_val_loss"]["mean"]
+        < targets["source_final"],
+        "wall_s": time.perf_counter() - t_start,
+        "note": "equal training FLOPs per arm (6 N_active + attention per token); (b)'s "
+                "learning rate is the best of the sweep by mean final validation loss; "
+                "flops_to_target: first evaluation at or below the target, interpolated",
+    }
+
+    print(f"\n=== {args.preset}{' (quick)' if args.quick else ''}: budget {budget:.3g} "
+          f"training FLOPs per arm, seeds {args.seeds} ===")
+    print(f"{'arm':<44} {'final val loss':>22} {'FLOPs to (b) final':>19} "
+          f"{'to (c) final':>13}")
+    names = {"pipeline": "(a) pipeline (dense -> MoE -> grown)",
+             "scratch": f"(b) final arch from scratch, lr {best_lr:g}",
+             "source": "(c) phase-1 model trained on"}
+    for name, arm in arms.items():
+        f = arm["final_val_loss"]
+        cells = []
+        for tname in ("scratch_final", "source_final"):
+            t = arm["flops_to_target"][tname]
+            if t["fraction_of_budget"] is not None:
+                cells.append(f"{100 * t['fraction_of_budget']:.0f}% of budget")
+            else:
+                cells.append("never" if not t["seeds_reached"] else
+                             f"{t['seeds_reached']}/{len(t['per_seed'])} seeds")
+        print(f"{names[name]:<44} {f['mean']:.4f} +- {f['std']:.4f} (n={f['n']}) "
+              f"{cells[0]:>19} {cells[1]:>13}")
+    for lr in lrs:
+        f = sweep[str(lr)]["final_val_loss"]
+        print(f"    (b) sweep lr {lr:<9g} final {f['mean']:.4f} +- {f['std']:.4f}")
+    if arms["scratch"]["best_lr_at_edge"]:
+        print(f"    note: (b)'s best rate {best_lr:g} is at an end of the sweep; widen "
+              "--scratch-lrs before trusting arm (b)")
+    for k, sp in arms["pipeline"]["post_growth_spike"].items():
+        print(f"    post-growth spike into {k}: {100 * sp['mean']:+.2f}% "
+              f"(min {100 * sp['min']:+.2f}%, max {100 * sp['max']:+.2f}%)")
+    print(f"(b) ends below (c): {result['scratch_below_source']} "
+          f"({'growth can pay here' if result['scratch_below_source'] else 'below the crossover: the small model is the better use of this budget'})")
+
+    data_tag = "embedded"
+    if args.data and args.data != "embedded":
+        data_tag = "hf" if args.data in ("hf", "roneneldan/TinyStories") else Path(args.data).stem
+    stem = f"growth_vs_scratch_{args.preset}{'_quick' if args.quick else ''}_{data_tag}"
+    results_dir = Path(args.results_dir)
+    atomic_write_text(results_dir / f"{stem}.json", json.dumps(result, indent=1) + "\n")
+    drew = plot(result, results_dir / f"{stem}.png")
+    print(f"wrote {results_dir / stem}.json{' and .png' if drew else ' (no matplotlib: no plot)'}"
+          f"; total {result['wall_s']:.0f} s")
+    return result
 
 
 if __name__ == "__main__":

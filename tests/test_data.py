@@ -1,37 +1,53 @@
-"""Tests for growkit.train.stories and growkit.train.data (CPU only, a few seconds)."""
-import hashlib
+"""Tests for growkit.train.data: the packaged sample, sources, token caches, the dataset.
+
+CPU only, a few seconds. Story files are written to tmp_path from the packaged sample;
+the uncompressed sample is never written inside the repository.
+"""
 import json
-import random
-import re
+import lzma
 import sys
 import time
+import types
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import growkit.train.data as data_mod
+from growkit.train.config import TrainConfig, build_parser, config_from_namespace
 from growkit.train.data import (
     EOT_TOKEN,
+    SAMPLE_N_STORIES,
+    SAMPLE_NOTICE_PATH,
+    SAMPLE_PATH,
     BPETokenizer,
     ByteTokenizer,
+    DataSourceError,
+    TokenCache,
     TokenDataset,
     build_tokenizer,
     load_texts,
     load_tokenizer,
+    prepare_data,
     read_story_file,
+    resolve_source,
+    split_indices,
     split_stories,
+    token_cache,
 )
-from growkit.train.stories import (
-    MAX_SENTENCES,
-    MIN_SENTENCES,
-    compose_story,
-    generate_stories,
-)
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def stories():
-    return generate_stories(400, seed=0)
+def all_stories():
+    return load_texts("embedded")[0]
+
+
+@pytest.fixture(scope="module")
+def stories(all_stories):
+    return all_stories[:400]
 
 
 @pytest.fixture(scope="module")
@@ -39,56 +55,48 @@ def dataset(stories):
     return TokenDataset.from_texts(stories, ByteTokenizer(), val_fraction=0.1, seed=0)
 
 
-# --------------------------------------------------------------------- generator
-
-def test_generator_is_deterministic_and_seeded():
-    a = generate_stories(50, seed=0)
-    assert a == generate_stories(50, seed=0)
-    assert a != generate_stories(50, seed=1)
-    # One random stream: a shorter request is a prefix of a longer one.
-    assert generate_stories(10, seed=0) == a[:10]
-    assert generate_stories(0) == []
+def write_stories(path: Path, texts) -> Path:
+    path.write_text("".join(f"{t}\n{EOT_TOKEN}\n" for t in texts), encoding="utf-8")
+    return path
 
 
-def test_generator_output_is_pinned():
-    # Guards "same seed, same stories on every machine". If you change the templates
-    # on purpose, update this digest: default-data runs before and after the change
-    # are then no longer comparable.
-    digest = hashlib.sha256("\0".join(generate_stories(20, seed=0)).encode()).hexdigest()
-    assert digest == "6d5221da5e2ca1f6fed0e1724280ddc0f712c1f5c4855b28159dfe907cee6084"
+def cfg_for(tmp_path, **kw) -> TrainConfig:
+    kw.setdefault("out_dir", str(tmp_path / "runs"))
+    kw.setdefault("seq_len", 32)
+    return TrainConfig(**kw)
 
 
-def test_generator_variety():
-    texts = generate_stories(2000, seed=3)
-    assert len(set(texts)) == len(texts)
-    vocab = {w for t in texts for w in re.findall(r"[a-z']+", t.lower())}
-    assert len(vocab) >= 400, len(vocab)
-    assert not any("{" in t or "}" in t for t in texts)  # no unfilled template field
-    openings = {t.split(".")[0] for t in texts}
-    assert len(openings) > 500
-    for t in texts[:50]:
-        assert t[0].isupper() and t.rstrip()[-1] in '.!?"'
+# ------------------------------------------------------------------ packaged sample
+
+def test_packaged_sample_is_real_tinystories(all_stories):
+    assert SAMPLE_PATH.name.endswith(".txt.xz") and SAMPLE_PATH.stat().st_size < 1_500_000
+    # The file is xz and decompresses to EOT-separated stories: 5,979 of them.
+    raw = lzma.decompress(SAMPLE_PATH.read_bytes()).decode("utf-8")
+    assert raw.count(EOT_TOKEN) == SAMPLE_N_STORIES == 5979
+    assert len(all_stories) == 5979
+    first = all_stories[0]
+    assert first.startswith("Lily was a princess who loved to jump.") and len(first) > 200
+    assert all(s.strip() == s and s for s in all_stories)
+    assert sum(map(len, all_stories)) > 4_500_000  # about 5 MB of text
+    texts, desc = load_texts("embedded")
+    assert desc.startswith("embedded TinyStories sample") and "CDLA-Sharing-1.0" in desc
+    assert load_texts("embedded", max_stories=3)[0] == all_stories[:3]
 
 
-def test_story_length_in_sentences():
-    rng = random.Random(7)
-    lengths = [len(compose_story(rng)) for _ in range(1000)]
-    assert min(lengths) >= MIN_SENTENCES and max(lengths) <= MAX_SENTENCES
-    assert len(set(lengths)) >= 3  # lengths vary
-
-
-def test_generator_rejects_negative_count():
-    with pytest.raises(ValueError):
-        generate_stories(-1)
+def test_sample_license_notice_and_packaging():
+    notice = SAMPLE_NOTICE_PATH.read_text(encoding="utf-8")
+    for needle in ("CDLA-Sharing-1.0", "roneneldan/TinyStories", "Eldan", "https://cdla.dev"):
+        assert needle in notice, needle
+    assert SAMPLE_NOTICE_PATH.parent == SAMPLE_PATH.parent
+    setup = (REPO / "setup.py").read_text(encoding="utf-8")
+    assert "assets/*.txt.xz" in setup and "assets/*.txt" in setup  # shipped in the wheel
+    # Only the compressed sample and its notice are in the package folder.
+    names = sorted(p.name for p in SAMPLE_PATH.parent.iterdir())
+    assert names == sorted([SAMPLE_PATH.name, SAMPLE_NOTICE_PATH.name])
+    assert not (REPO / "train" / "stories.py").exists()  # the templated generator is gone
 
 
 # ----------------------------------------------------------------------- sources
-
-def test_load_embedded():
-    texts, desc = load_texts("embedded", n_default_stories=30, seed=2)
-    assert texts == generate_stories(30, seed=2)
-    assert desc.startswith("embedded generator: 30 stories")
-
 
 def test_load_file_with_separators(tmp_path):
     path = tmp_path / "train.txt"
@@ -115,19 +123,31 @@ def test_load_file_without_trailing_separator(tmp_path):
     assert load_texts(path)[0] == ["One.", "Two, with ünïcödé."]
 
 
+def test_block_reader_matches_across_block_boundaries(tmp_path, stories, monkeypatch):
+    path = write_stories(tmp_path / "s.txt", stories[:50])
+    expected = read_story_file(path)
+    assert expected == stories[:50]
+    # Tiny blocks: separators and multi-byte characters fall across block edges.
+    monkeypatch.setattr(data_mod, "_READ_CHARS", 7)
+    assert read_story_file(path) == expected
+
+
 def test_load_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="source"):
         load_texts(str(tmp_path / "missing.txt"))
+    with pytest.raises(ValueError, match="source"):  # also a ValueError
+        load_texts(str(tmp_path / "missing.txt"))
     with pytest.raises(ValueError, match="directory"):
         load_texts(str(tmp_path))
+    (tmp_path / "zero.txt").write_bytes(b"")
+    with pytest.raises(ValueError, match="empty file"):
+        load_texts(str(tmp_path / "zero.txt"))
     empty = tmp_path / "empty.txt"
     empty.write_text("\n<|endoftext|>\n  \n", encoding="utf-8")
     with pytest.raises(ValueError, match="no stories"):
         load_texts(str(empty))
     with pytest.raises(ValueError):
         load_texts("")
-    with pytest.raises(ValueError, match="n_default_stories"):
-        load_texts("embedded", n_default_stories=0)
     with pytest.raises(ValueError, match="max_stories"):
         load_texts(str(empty), max_stories=0)
 
@@ -137,6 +157,204 @@ def test_hf_source_without_datasets_is_a_clear_error(monkeypatch):
     for source in ("hf", "roneneldan/TinyStories"):
         with pytest.raises(RuntimeError, match="pip install datasets"):
             load_texts(source)
+
+
+def _fake_datasets(splits: dict[str, list[str]], calls: list[str]):
+    class FakeDataset:
+        def __init__(self, rows, name):
+            self.rows, self._fingerprint = rows, f"fp-{name}-{len(rows)}"
+
+        def __len__(self):
+            return len(self.rows)
+
+        def iter(self, batch_size):
+            for i in range(0, len(self.rows), batch_size):
+                yield {"text": self.rows[i:i + batch_size]}
+
+    def load_dataset(name, split):
+        calls.append(f"{name}:{split}")
+        if name != "roneneldan/TinyStories":
+            raise ValueError(name)
+        base, _, cut = split.partition("[:")
+        rows = splits[base]
+        if cut:
+            rows = rows[:int(cut.rstrip("]"))]
+        return FakeDataset(rows, split)
+
+    return types.SimpleNamespace(load_dataset=load_dataset)
+
+
+def test_hf_source_reads_train_and_validation_splits(tmp_path, stories, monkeypatch):
+    calls: list[str] = []
+    fake = _fake_datasets({"train": list(stories[:300]) + ["  ", ""],
+                           "validation": list(stories[300:340])}, calls)
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    cfg = cfg_for(tmp_path, data="hf")
+    cfg.check_runtime()
+    ds, tok, desc = prepare_data(cfg, log=None)
+    assert calls == ["roneneldan/TinyStories:train", "roneneldan/TinyStories:validation"]
+    assert (ds.n_train_stories, ds.n_val_stories) == (300, 40)  # empty rows dropped
+    assert tok.decode(ds.tokens("val")) == EOT_TOKEN.join(stories[300:340]) + EOT_TOKEN
+    assert "hf roneneldan/TinyStories (train split)" in desc and "validation split" in desc
+    # Both splits were cached on disk (memory-mapped), and are reused.
+    assert all(c.path is not None and c.status == "built" for c in ds.caches)
+    ds2, _, _ = prepare_data(cfg, log=None)
+    assert [c.status for c in ds2.caches] == ["loaded", "loaded"]
+    capped = cfg_for(tmp_path, data="hf", max_stories=10)
+    ds3, _, _ = prepare_data(capped, log=None)
+    assert ds3.n_train_stories == 10 and "roneneldan/TinyStories:train[:10]" in calls
+
+
+# ------------------------------------------------------------------- token cache
+
+@pytest.mark.parametrize("kind", ["byte", "bpe"])
+def test_cache_round_trips_to_direct_encoding(tmp_path, stories, kind, monkeypatch):
+    if kind == "bpe":
+        pytest.importorskip("tokenizers")
+        tok = build_tokenizer("bpe", stories[:200], vocab_size=500)
+    else:
+        tok = ByteTokenizer()
+    texts = list(stories[:120]) + ["Zoë 😀 “quotes” — 中文"]
+    path = write_stories(tmp_path / "train.txt", texts)
+    # Small blocks and batches: the streamed build crosses many chunk edges.
+    monkeypatch.setattr(data_mod, "_READ_CHARS", 1000)
+    monkeypatch.setattr(data_mod, "_ENCODE_BATCH_CHARS", 3000)
+    cache = token_cache(resolve_source(path), tok, tmp_path / "cache")
+    assert cache.status == "built" and isinstance(cache.tokens, np.memmap)
+    assert cache.tokens.dtype == (np.uint8 if kind == "byte" else np.uint16)
+    direct = tok.encode_documents(read_story_file(path))
+    assert np.array_equal(cache.stream(), direct)
+    assert cache.n_stories == len(texts) and cache.n_tokens == direct.size
+    assert np.array_equal(cache.story(3), tok.encode(texts[3]))
+    files = sorted(p.suffix for p in (tmp_path / "cache").iterdir())
+    assert files == [".json", ".offsets", ".tokens"]  # no temporary left behind
+    again = token_cache(resolve_source(path), tok, tmp_path / "cache")
+    assert again.status == "loaded" and np.array_equal(again.stream(), direct)
+    # The dataset over the memory-mapped cache serves the same windows as one built
+    # from the materialized streams.
+    ds = TokenDataset.from_caches(again, val_fraction=0.1, seed=3)
+    flat = TokenDataset(ds.tokens("train"), ds.tokens("val"))
+    for seed in range(3):
+        a = ds.get_batch("train", 8, 40, torch.Generator().manual_seed(seed))
+        b = flat.get_batch("train", 8, 40, torch.Generator().manual_seed(seed))
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    for (xa, ya), (xb, yb) in zip(ds.val_batches(4, 16, max_batches=3),
+                                  flat.val_batches(4, 16, max_batches=3)):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def _cache_files(cache_dir: Path) -> dict[str, Path]:
+    return {p.suffix: p for p in cache_dir.iterdir()}
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "offsets", "meta", "no_meta"])
+def test_damaged_cache_is_detected_and_rebuilt(tmp_path, stories, damage):
+    path = write_stories(tmp_path / "train.txt", stories[:60])
+    tok, cdir = ByteTokenizer(), tmp_path / "cache"
+    good = token_cache(resolve_source(path), tok, cdir).stream()
+    files = _cache_files(cdir)
+    if damage == "truncate":
+        with open(files[".tokens"], "r+b") as f:
+            f.truncate(files[".tokens"].stat().st_size - 100)
+    elif damage == "flip":
+        raw = bytearray(files[".tokens"].read_bytes())
+        raw[len(raw) // 2] ^= 0x01  # same size, one bit wrong
+        files[".tokens"].write_bytes(bytes(raw))
+    elif damage == "offsets":
+        files[".offsets"].unlink()
+    elif damage == "meta":
+        files[".json"].write_text("{not json")
+    else:
+        files[".json"].unlink()
+    cache = token_cache(resolve_source(path), tok, cdir)
+    if damage == "no_meta":
+        assert cache.status == "built"  # an interrupted build: simply built again
+    else:
+        assert cache.status.startswith("rebuilt"), cache.status
+    assert np.array_equal(cache.stream(), good)
+    assert token_cache(resolve_source(path), tok, cdir).status == "loaded"
+
+
+def test_cache_key_follows_file_and_tokenizer(tmp_path, stories):
+    pytest.importorskip("tokenizers")
+    path = write_stories(tmp_path / "train.txt", stories[:30])
+    cdir = tmp_path / "cache"
+    token_cache(resolve_source(path), ByteTokenizer(), cdir)
+    write_stories(path, stories[:31])  # edited file: new size and mtime
+    c = token_cache(resolve_source(path), ByteTokenizer(), cdir)
+    assert c.status == "built" and c.n_stories == 31
+    bpe = build_tokenizer("bpe", stories[:100], vocab_size=400)
+    assert token_cache(resolve_source(path), bpe, cdir).status == "built"
+    assert len(list(cdir.glob("*.tokens"))) == 3
+
+
+def test_cache_of_no_stories_is_an_error(tmp_path):
+    path = tmp_path / "seps.txt"
+    path.write_text(f"{EOT_TOKEN}\n \n{EOT_TOKEN}\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="no stories"):
+        token_cache(resolve_source(path, arg="--data"), ByteTokenizer(), tmp_path / "c",
+                    arg="--data")
+    assert not list((tmp_path / "c").glob("*.json"))
+
+
+# --------------------------------------------------------------- pipeline inputs
+
+def test_default_is_the_embedded_sample(tmp_path):
+    cfg = cfg_for(tmp_path)
+    assert cfg.data == "embedded" and cfg.val_data is None
+    ds, tok, desc = prepare_data(cfg, log=None)
+    assert ds.n_train_stories + ds.n_val_stories == 5979
+    assert ds.n_val_stories == round(5979 * cfg.val_fraction)
+    assert desc.startswith("embedded TinyStories sample") and "held-out" in desc
+    assert ds.caches[0].path is None  # the sample is tokenized in memory
+    assert not (tmp_path / "runs").exists()  # nothing written for it
+
+
+def test_val_data_is_a_separate_validation_set(tmp_path, stories):
+    train = write_stories(tmp_path / "train.txt", stories[:200])
+    val = write_stories(tmp_path / "val.txt", stories[200:230])
+    ns = build_parser().parse_args(["--data", str(train), "--val-data", str(val),
+                                    "--out-dir", str(tmp_path / "runs")])
+    cfg = config_from_namespace(ns)
+    assert cfg.val_data == str(val)
+    cfg.check_runtime()
+    ds, tok, desc = prepare_data(cfg, log=None)
+    assert (ds.n_train_stories, ds.n_val_stories) == (200, 30)
+    assert tok.decode(ds.tokens("train")) == EOT_TOKEN.join(stories[:200]) + EOT_TOKEN
+    assert tok.decode(ds.tokens("val")) == EOT_TOKEN.join(stories[200:230]) + EOT_TOKEN
+    assert f"validation: file {val}: 30 stories" in desc
+    assert len(list((tmp_path / "runs" / ".token-cache").glob("*.tokens"))) == 2
+    # The embedded sample with a separate validation file: all 5,979 stories train.
+    ds2, _, _ = prepare_data(cfg_for(tmp_path, val_data=str(val)), log=None)
+    assert (ds2.n_train_stories, ds2.n_val_stories) == (5979, 30)
+
+
+@pytest.mark.parametrize("field", ["data", "val_data"])
+def test_bad_data_arguments_name_the_argument(tmp_path, field):
+    zero = tmp_path / "zero.txt"
+    zero.write_bytes(b"")
+    seps = tmp_path / "seps.txt"
+    seps.write_text(f"{EOT_TOKEN}\n\n{EOT_TOKEN}\n", encoding="utf-8")
+    for bad, why in ((tmp_path / "missing.txt", "no such file"), (tmp_path, "directory"),
+                     (zero, "empty file")):
+        cfg = cfg_for(tmp_path, **{field: str(bad)})
+        with pytest.raises(ValueError, match=f"TrainConfig.{field}.*{why}"):
+            cfg.check_runtime()
+        with pytest.raises(ValueError, match=f"TrainConfig.{field}"):
+            prepare_data(cfg, log=None)
+    with pytest.raises(ValueError, match=f"TrainConfig.{field}.*no stories"):
+        prepare_data(cfg_for(tmp_path, **{field: str(seps)}), log=None)
+    if field == "data":
+        with pytest.raises(ValueError, match=field):
+            TrainConfig(data="  ")
+    else:  # an optional field: blank, "none" or "null" mean None (no validation file)
+        assert TrainConfig(val_data="  ").val_data is None
+
+
+def test_too_little_validation_text_names_the_field(tmp_path, stories):
+    val = write_stories(tmp_path / "val.txt", ["Tiny."])
+    with pytest.raises(ValueError, match="val_data"):
+        prepare_data(cfg_for(tmp_path, val_data=str(val)), log=None)
 
 
 # -------------------------------------------------------------------- tokenizers
@@ -169,8 +387,8 @@ def test_byte_encode_documents_matches_per_story_encoding():
     assert tok.encode_documents([]).size == 0
 
 
-def test_byte_encoding_is_fast():
-    texts = generate_stories(1500, seed=5) * 4  # 6000 stories, ~2 MB
+def test_byte_encoding_is_fast(all_stories):
+    texts = all_stories  # 5,979 stories, ~5 MB
     tok = ByteTokenizer()
     t0 = time.perf_counter()
     ds = TokenDataset.from_texts(texts, tok)
@@ -241,6 +459,17 @@ def test_bpe_tokenizer(tmp_path, stories):
 
 
 # ----------------------------------------------------------------------- dataset
+
+def test_split_indices_are_pinned_and_scale():
+    # Guards "same seed, same split on every machine" (integer hashing, no RNG).
+    assert split_indices(20, 0.25, 0)[1].tolist() == [1, 4, 5, 13, 18]
+    assert split_indices(20, 0.25, 1)[1].tolist() == [6, 8, 9, 12, 14]
+    t0 = time.perf_counter()
+    train, val = split_indices(1_000_000, 0.01, 7)  # millions of stories, no Python list
+    assert time.perf_counter() - t0 < 10.0  # ~0.3 s; generous for a loaded CI machine
+    assert val.size == 10_000 and train.size + val.size == 1_000_000
+    assert not np.intersect1d(train, val).size
+
 
 def test_split_is_deterministic_and_disjoint(stories):
     train, val = split_stories(stories, 0.1, seed=0)

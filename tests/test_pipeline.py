@@ -31,19 +31,19 @@ from growkit.train.metrics import parameter_counts, read_metrics, training_flops
 from growkit.train.trainer import Trainer, lr_at, make_optimizer
 
 # Phase 1: 6 steps (global 1-6), phase 2: 4 steps (7-10), phase 3: 4 steps (11-14).
-TINY = [
-    "--n-stories", "200", "--d-model", "32", "--n-layers", "2", "--n-heads", "2",
-    "--seq-len", "32", "--batch-size", "4", "--n-experts", "4", "--top-k", "2",
-    "--scale-factor", "2", "--extra-layers", "1",
-    "--steps-phase1", "6", "--steps-phase2", "4", "--steps-phase3", "4",
-    "--eval-interval", "3", "--eval-batches", "2", "--log-interval", "1",
-    "--checkpoint-every", "4", "--keep-checkpoints", "1", "--probe-batch-size", "2",
-    "--device", "cpu", "--no-progress", "--no-plot",
-]
+from model_factory import TINY_PIPELINE as TINY  # noqa: E402
 # The losses a resumed run must reproduce exactly (timings and throughput differ).
 EXACT_KEYS = ("kind", "phase", "step", "global_step", "loss", "ce_loss", "aux_loss",
               "val_loss", "lr", "grad_norm", "tokens_seen", "flops", "event",
               "val_loss_before", "val_rel_change")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _restore_torch_threads():
+    """The runs use --threads 1 (torch.set_num_threads is process-wide): restore it after."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
 
 
 def run_main(tmp_path: Path, name: str, *extra: str) -> tuple[int, Path]:
@@ -237,7 +237,19 @@ def test_full_run_produces_all_artifacts(reference_run):
     assert set(summary["phases"]) == {"1", "2", "3"}
     assert summary["tokens_seen"] == 14 * 4 * 32
     assert summary["flops"] == pytest.approx(train[-1]["flops"])
-    assert summary["data"].startswith("embedded generator")
+    assert summary["data"].startswith("embedded TinyStories sample")
+    # Each growth's loss spike: the largest validation loss in the first quarter of the
+    # next phase (the eval right after the growth and the extra post-growth one at step
+    # 1) relative to the last one before the growth.
+    for key in ("phase2", "phase3"):
+        g = summary["growth"][key]
+        evals = [r for r in recs if r["kind"] == "eval" and r["phase"] == int(key[-1])
+                 and r["step"] <= 1]
+        assert [r["step"] for r in evals] == [0, 1]
+        assert g["max_val_first_quarter"] == max(r["val_loss"] for r in evals)
+        assert g["post_growth_spike"] == pytest.approx(
+            g["max_val_first_quarter"] / g["val_loss_before"] - 1)
+        assert g["spike_complete"] is True
     for ph in summary["phases"].values():
         assert math.isfinite(ph["final_val_loss"])
     report = json.loads((d / "verify_phase3_scale_bilaterally.json").read_text())

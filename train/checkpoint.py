@@ -11,6 +11,8 @@ A checkpoint is a folder ``<run_dir>/checkpoints/step-<global step>[-phase<p>-en
     rng.json                             python ``random`` state, numpy's scalars
     state.json                           phase, step, global step, tokens, FLOPs, wall
                                          time, metrics records covered, check results
+    manifest.json                        written last: size and sha256 of every file
+                                         above, and the hash of the run's config
 
 Nothing is pickled: tensors go to safetensors, everything else to JSON, so loading a
 checkpoint never runs code from the file. Each file is written to a temporary file and
@@ -18,13 +20,23 @@ renamed (:func:`atomic_write`); the folder itself is assembled under a temporary
 renamed into place, and only then does ``<run_dir>/latest.json`` (also replaced
 atomically) point to it. A run killed at any moment therefore leaves ``latest.json``
 naming a complete checkpoint (or no ``latest.json`` at all).
+
+Resuming (:func:`select_checkpoint`) trusts nothing it reads: ``latest.json`` may only
+name a folder inside ``<run_dir>/checkpoints``; each candidate is verified against its
+manifest (and its ``state.json`` against ``metrics.jsonl``) before anything is built from
+it; a damaged newest checkpoint is skipped, with a note, for the newest one that verifies.
+Failures raise :class:`ResumeError` (the run directory cannot be resumed) or
+:class:`ResumeRefused` (it could, but its config no longer matches the checkpoint), each
+with a one-line message.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -49,11 +61,38 @@ __all__ = [
     "latest_checkpoint",
     "load_checkpoint_state",
     "prune_checkpoints",
+    "MANIFEST_FILE",
+    "ResumeError",
+    "ResumeRefused",
+    "run_config_hash",
+    "config_changes",
+    "verify_checkpoint",
+    "write_manifest",
+    "select_checkpoint",
+    "clean_orphans",
+    "check_resume_config",
 ]
 
 CHECKPOINTS_DIR = "checkpoints"
 LATEST_FILE = "latest.json"
+MANIFEST_FILE = "manifest.json"
+#: The files of a complete checkpoint (the manifest lists them with size and sha256).
+CHECKPOINT_FILES = ("model.safetensors", "config.json", "optimizer.safetensors", "optimizer.json",
+                    "rng.safetensors", "rng.json", "state.json")
 _SEP = "::"
+_NAME = re.compile(r"^step-(\d+)(?:-phase(\d+)-end)?$")
+
+
+class ResumeError(Exception):
+    """A run directory cannot be resumed (damaged or missing files); one-line message."""
+
+
+class ResumeRefused(ResumeError):
+    """A run could be resumed, but its config or data no longer match the checkpoint."""
+
+
+class _OutsideRun(ResumeError):
+    """``latest.json`` names a folder that is not one of the run's checkpoints."""
 
 
 # ---------------------------------------------------------------------------
@@ -247,6 +286,7 @@ def save_checkpoint(
         _save_tensors(tmp / "rng.safetensors", rng_tensors)
         atomic_write_json(tmp / "rng.json", rng_values)
         atomic_write_json(tmp / "state.json", state)
+        write_manifest(tmp, state.get("train_config"))
         if final.exists():
             # Left by a run killed after writing it but before updating latest.json; a
             # resumed run has just recomputed the same step.
@@ -263,15 +303,49 @@ def save_checkpoint(
     return final
 
 
-def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
-    """The folder ``latest.json`` names, or None when the run has no checkpoint yet."""
-    run_dir = Path(run_dir)
+def _latest_target(run_dir: Path) -> Path | None:
+    """The folder ``latest.json`` names (not checked to exist), or None without the file.
+
+    Raises:
+        ResumeError: If ``latest.json`` cannot be read, or names a folder that is not a
+            checkpoint folder directly inside ``<run_dir>/checkpoints``.
+    """
     p = run_dir / LATEST_FILE
-    if not p.is_file():
+    if not p.exists():
         return None
-    ckpt = run_dir / _read_json(p)["checkpoint"]
+    try:
+        entry = _read_json(p)
+        name = entry["checkpoint"]
+        if not isinstance(name, str):
+            raise TypeError(f"'checkpoint' is {type(name).__name__}, not a string")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ResumeError(f"{LATEST_FILE} is damaged ({_one_line(e)})") from None
+    root = (run_dir / CHECKPOINTS_DIR).resolve()
+    target = (run_dir / name).resolve()
+    if target.parent != root or not _NAME.match(target.name):
+        raise _OutsideRun(
+            f"{LATEST_FILE} names {name!r}, which is not a checkpoint folder inside "
+            f"{run_dir / CHECKPOINTS_DIR}; a run only loads its own checkpoints (restore "
+            f"{LATEST_FILE}, or delete it to resume from the newest checkpoint that verifies)")
+    return target
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The folder ``latest.json`` names, or None when the run has no checkpoint yet.
+
+    Raises:
+        ValueError: If ``latest.json`` is damaged, names a folder outside
+            ``<run_dir>/checkpoints``, or names an incomplete checkpoint.
+    """
+    run_dir = Path(run_dir)
+    try:
+        ckpt = _latest_target(run_dir)
+    except ResumeError as e:
+        raise ValueError(f"{run_dir / LATEST_FILE}: {e}") from None
+    if ckpt is None:
+        return None
     if not (ckpt / "state.json").is_file():
-        raise ValueError(f"{p} names {ckpt}, which is not a complete checkpoint")
+        raise ValueError(f"{run_dir / LATEST_FILE} names {ckpt}, which is not a complete checkpoint")
     return ckpt
 
 
@@ -295,7 +369,10 @@ def prune_checkpoints(run_dir: str | os.PathLike, keep: int) -> list[str]:
     root = run_dir / CHECKPOINTS_DIR
     if not root.is_dir():
         return []
-    latest = latest_checkpoint(run_dir)
+    try:
+        latest = _latest_target(run_dir)
+    except ResumeError:
+        latest = None
     periodic = sorted(p for p in root.iterdir()
                       if p.is_dir() and p.name.startswith("step-") and not p.name.endswith("-end"))
     removed = []
@@ -305,3 +382,250 @@ def prune_checkpoints(run_dir: str | os.PathLike, keep: int) -> list[str]:
         shutil.rmtree(p)
         removed.append(p.name)
     return removed
+
+
+# ---------------------------------------------------------------------------
+# Integrity: manifest, run-config hash, resume selection
+# ---------------------------------------------------------------------------
+
+def _one_line(e: BaseException | str) -> str:
+    text = " ".join(str(e).split())
+    if isinstance(e, BaseException) and not text:
+        text = type(e).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _hash_exempt() -> frozenset[str]:
+    from .config import RESUME_OVERRIDABLE
+
+    # RESUME_OVERRIDABLE: what a resumed run may change. run_dir, out_dir and name only
+    # say where the run lives (a moved run directory resumes); data and val_data name
+    # where the stories are (a moved file resumes): the data themselves are compared by
+    # their token fingerprint (state["data"]).
+    return frozenset(RESUME_OVERRIDABLE) | {"run_dir", "out_dir", "name", "data", "val_data"}
+
+
+def run_config_hash(train_config: dict[str, Any], fields: list[str] | None = None) -> str:
+    """sha256 of the run-defining fields of a resolved ``TrainConfig.to_dict()``.
+
+    The fields a resumed run may change (``RESUME_OVERRIDABLE``) and those that only
+    locate things (``run_dir``, ``out_dir``, ``name``; ``data`` and ``val_data``, whose
+    content is fingerprinted separately) are left out. ``fields`` restricts the hash to those keys
+    (the ones a checkpoint hashed; fields added to TrainConfig later are not compared).
+    """
+    exempt = _hash_exempt()
+    keys = sorted(k for k in (train_config if fields is None else fields) if k not in exempt)
+    payload = json.dumps({k: train_config.get(k) for k in keys}, sort_keys=True, allow_nan=True)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+def config_changes(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Run-defining fields whose value differs, as ``"name: stored -> current"``."""
+    exempt = _hash_exempt()
+    return [f"{k}: {stored.get(k)!r} -> {current.get(k)!r}" for k in sorted(stored)
+            if k not in exempt and stored.get(k) != current.get(k)]
+
+
+def write_manifest(directory: Path, train_config: dict[str, Any] | None) -> None:
+    """``manifest.json``: size and sha256 of every checkpoint file, and the config hash."""
+    files = {}
+    for name in CHECKPOINT_FILES:
+        p = directory / name
+        files[name] = {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+    manifest: dict[str, Any] = {"format": 1, "files": files}
+    if train_config is not None:
+        fields = sorted(k for k in train_config if k not in _hash_exempt())
+        manifest["config_sha256"] = run_config_hash(train_config, fields)
+        manifest["config_fields"] = fields
+    atomic_write_json(directory / MANIFEST_FILE, manifest)
+
+
+def _check_safetensors(path: Path) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:  # checks the header covers the file
+        f.keys()
+
+
+def verify_checkpoint(ckpt: str | os.PathLike, metrics_records: int | None = None) -> dict[str, Any]:
+    """Checks a checkpoint folder before anything is built from it; returns its state.
+
+    With a ``manifest.json``: every file must have the size and sha256 it lists. Without
+    one (a checkpoint written before manifests existed): every file must be present, its
+    JSON must parse and its safetensors header must cover the file. Then ``state.json``
+    must hold the progress fields, and cover at most ``metrics_records`` records of
+    ``metrics.jsonl`` (when given).
+
+    Raises:
+        ResumeError: Naming the first damaged file and what is wrong with it.
+    """
+    ckpt = Path(ckpt)
+    if not ckpt.is_dir():
+        raise ResumeError("no such folder")
+    manifest_path = ckpt / MANIFEST_FILE
+    if manifest_path.exists():
+        try:
+            manifest = _read_json(manifest_path)
+            listed = manifest["files"]
+            if not isinstance(listed, dict):
+                raise TypeError("'files' is not a mapping")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ResumeError(f"{MANIFEST_FILE} is damaged ({_one_line(e)})") from None
+        for name in CHECKPOINT_FILES:
+            entry = listed.get(name)
+            p = ckpt / name
+            if not isinstance(entry, dict):
+                raise ResumeError(f"{MANIFEST_FILE} does not list {name}")
+            if not p.is_file():
+                raise ResumeError(f"{name} is missing")
+            size = p.stat().st_size
+            if size != entry.get("bytes"):
+                raise ResumeError(f"{name} has {size} bytes, the manifest lists {entry.get('bytes')} "
+                                  "(truncated or rewritten)")
+            if _sha256(p) != entry.get("sha256"):
+                raise ResumeError(f"{name} does not match its sha256 in the manifest")
+    else:
+        for name in CHECKPOINT_FILES:
+            p = ckpt / name
+            if not p.is_file():
+                raise ResumeError(f"{name} is missing")
+            try:
+                if name.endswith(".json"):
+                    _read_json(p)
+                else:
+                    _check_safetensors(p)
+            except Exception as e:  # noqa: BLE001 - any parse failure is damage
+                raise ResumeError(f"{name} is damaged ({_one_line(e)})") from None
+    try:
+        state = _read_json(ckpt / "state.json")
+    except (OSError, ValueError) as e:
+        raise ResumeError(f"state.json is damaged ({_one_line(e)})") from None
+    need = ("phase", "phase_step", "phase_done", "global_step", "metrics_records", "elapsed_s")
+    missing = [k for k in need if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise ResumeError(f"state.json lacks {missing}")
+    if metrics_records is not None and state["metrics_records"] > metrics_records:
+        raise ResumeError(f"{'metrics.jsonl'} holds {metrics_records} records but the checkpoint "
+                          f"covers {state['metrics_records']} (the log was truncated)")
+    return state
+
+
+def _candidates(root: Path) -> list[Path]:
+    """Checkpoint folders in ``root``, newest first (global step, then phase end)."""
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = _NAME.match(p.name)
+        if m and p.is_dir() and not p.is_symlink():
+            found.append(((int(m.group(1)), int(m.group(2) or 0)), p))
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def select_checkpoint(run_dir: str | os.PathLike, say=print) -> tuple[Path, dict[str, Any]] | None:
+    """The checkpoint a resumed run starts from, and its verified state.
+
+    The folder ``latest.json`` names is tried first, then every other checkpoint folder,
+    newest first; the first that verifies (:func:`verify_checkpoint`, against the records
+    ``metrics.jsonl`` holds) is returned, and ``say`` is told about each one skipped.
+    Returns None when the run has neither ``latest.json`` nor a checkpoint folder (it
+    never reached its first checkpoint).
+
+    Raises:
+        ResumeError: If ``latest.json`` names a folder outside ``<run_dir>/checkpoints``,
+            or checkpoints exist (or ``latest.json`` does) but none verifies.
+    """
+    from .metrics import read_metrics
+
+    run_dir = Path(run_dir)
+    root = run_dir / CHECKPOINTS_DIR
+    skipped: list[str] = []
+    try:
+        latest = _latest_target(run_dir)
+    except _OutsideRun:
+        raise
+    except ResumeError as e:
+        say(f"resume: {e}; looking for the newest checkpoint that verifies")
+        latest, skipped = None, [f"{LATEST_FILE}: damaged"]
+    candidates = _candidates(root)
+    if latest is not None:
+        if latest.is_dir():
+            candidates = [latest] + [p for p in candidates if p.resolve() != latest]
+        else:
+            say(f"resume: {LATEST_FILE} names {CHECKPOINTS_DIR}/{latest.name}, which does not "
+                "exist; looking for the newest checkpoint that verifies")
+            skipped.append(f"{latest.name}: missing")
+    elif not (run_dir / LATEST_FILE).exists() and candidates:
+        say(f"resume: no {LATEST_FILE}; looking for the newest checkpoint that verifies")
+    if not candidates:
+        if skipped:
+            raise ResumeError(f"no checkpoint to resume from in {root} ({'; '.join(skipped)}); "
+                              "start a new run")
+        return None
+    n_records = len(read_metrics(run_dir / "metrics.jsonl"))
+    for ckpt in candidates:
+        try:
+            state = verify_checkpoint(ckpt, n_records)
+        except ResumeError as e:
+            say(f"resume: {CHECKPOINTS_DIR}/{ckpt.name} is damaged: {e}; skipping it")
+            skipped.append(f"{ckpt.name}: {e}")
+            continue
+        if skipped:
+            say(f"resume: falling back to {CHECKPOINTS_DIR}/{ckpt.name}, the newest checkpoint "
+                f"that verifies (global step {state['global_step']})")
+        return ckpt, state
+    first = skipped[0] if len(skipped) == 1 else f"{skipped[0]}; and {len(skipped) - 1} more"
+    raise ResumeError(f"none of the {len(candidates)} checkpoints in {root} verifies ({first}); "
+                      "start a new run")
+
+
+def clean_orphans(run_dir: str | os.PathLike) -> list[str]:
+    """Removes the temporary folders an interrupted :func:`save_checkpoint` left behind
+    (``checkpoints/.step-*.tmp`` and ``.step-*.old``); returns their names."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    removed = []
+    if root.is_dir():
+        for p in sorted(root.iterdir()):
+            if p.name.startswith(".step-") and p.name.endswith((".tmp", ".old")) and p.is_dir() \
+                    and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p.name)
+    return removed
+
+
+def check_resume_config(current: dict[str, Any], ckpt: str | os.PathLike, state: dict[str, Any]) -> None:
+    """Refuses to resume ``ckpt`` with a run config other than the one it was taken with.
+
+    ``current`` is the resolved ``TrainConfig.to_dict()`` the resumed run would use (the
+    run's ``config.json`` plus the allowed command-line changes). Its hash over the fields
+    the checkpoint hashed must equal the manifest's ``config_sha256``; a checkpoint
+    without a manifest is compared field by field with its ``state["train_config"]``.
+
+    Raises:
+        ResumeRefused: Naming each changed field, its stored and its current value.
+    """
+    ckpt = Path(ckpt)
+    stored = state.get("train_config")
+    expected = fields = None
+    manifest_path = ckpt / MANIFEST_FILE
+    if manifest_path.exists():
+        manifest = _read_json(manifest_path)  # verified by verify_checkpoint
+        expected, fields = manifest.get("config_sha256"), manifest.get("config_fields")
+    if expected is not None and fields is not None:
+        if run_config_hash(current, fields) == expected:
+            return
+    elif not isinstance(stored, dict) or not config_changes(stored, current):
+        return
+    changes = config_changes(stored, current) if isinstance(stored, dict) else []
+    what = "; ".join(changes) if changes else "the stored config is not readable"
+    raise ResumeRefused(
+        f"the run's config.json differs from the one {CHECKPOINTS_DIR}/{ckpt.name} was taken "
+        f"with ({what}); restore those values, or start a new run to change them")

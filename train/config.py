@@ -70,13 +70,20 @@ class TrainConfig:
     """
 
     # ---- data
-    data: str = _f("embedded", "story source: 'embedded' (built-in generator, offline), "
-                   "'hf' (Hugging Face roneneldan/TinyStories, needs `datasets`), or the "
-                   "path of a TinyStories .txt file")
-    n_stories: int = _f(4000, "stories the embedded generator makes")
-    max_stories: int | None = _f(None, "read at most this many stories from a file or the "
-                                 "hub (None: all)")
-    val_fraction: float = _f(0.05, "fraction of stories held out for validation, in (0, 1)")
+    data: str = _f("embedded", "training stories: 'embedded' (the packaged sample of 5,979 "
+                   "real TinyStories stories, offline), 'hf' (Hugging Face "
+                   "roneneldan/TinyStories train split, validation on its validation "
+                   "split; needs `datasets`), or the path of a TinyStories .txt file")
+    val_data: str | None = _f(None, "validation stories: the path of a separate TinyStories "
+                              ".txt file (None: hold out val_fraction of the training "
+                              "stories, whole stories only; 'hf' uses its validation split)")
+    max_stories: int | None = _f(None, "use only the first this many stories of --data "
+                                 "(None: all)")
+    val_fraction: float = _f(0.05, "fraction of stories held out for validation, in (0, 1) "
+                             "(without --val-data)")
+    token_cache_dir: str | None = _f(None, "folder of the memory-mapped token caches of file "
+                                     "and hub sources, tokenized once (None: "
+                                     "<out_dir>/.token-cache)")
     tokenizer: str = _f("byte", "'byte' (257 ids, no extra package) or 'bpe' (needs the "
                         "`tokenizers` package)")
     bpe_vocab_size: int = _f(4096, "BPE vocabulary size (tokenizer=bpe only), > 257")
@@ -139,6 +146,9 @@ class TrainConfig:
     eval_interval: int = _f(100, "validate every this many steps of a phase (and at "
                             "every phase end and right before/after each growth)")
     eval_batches: int = _f(8, "validation batches per evaluation (spread over the split)")
+    post_growth_evals: int = _f(4, "extra validations spread over the first quarter of each "
+                                "phase after a growth, to measure the loss spike there "
+                                "(summary: post_growth_spike); 0: none")
     log_interval: int = _f(10, "write a training record to metrics.jsonl every this many "
                            "steps")
     checkpoint_every: int = _f(500, "checkpoint every this many global steps (0: only at "
@@ -171,7 +181,7 @@ class TrainConfig:
                 raise ValueError(
                     f"TrainConfig.{name}={getattr(self, name)!r} is invalid: {fix}")
 
-        positive = ("n_stories", "bpe_vocab_size", "d_model", "n_layers", "n_heads",
+        positive = ("bpe_vocab_size", "d_model", "n_layers", "n_heads",
                     "probe_batch_size", "batch_size", "seq_len", "eval_interval",
                     "eval_batches", "log_interval", "keep_checkpoints")
         for name in positive:
@@ -180,7 +190,7 @@ class TrainConfig:
             v = getattr(self, name)
             need(v is None or v >= 1, name, "use a whole number >= 1 or None")
         for name in ("steps_phase1", "steps_phase2", "steps_phase3", "checkpoint_every", "threads",
-                     "extra_layers", "seed"):
+                     "extra_layers", "seed", "post_growth_evals"):
             need(getattr(self, name) >= 0, name, "use a whole number >= 0")
         for name in ("lr_phase1", "lr_phase2", "lr_phase3"):
             need(0 < getattr(self, name) < 1, name,
@@ -200,6 +210,9 @@ class TrainConfig:
 
         need(self.data.strip() != "", "data",
              "pass 'embedded', 'hf' or the path of a TinyStories .txt file")
+        for name in ("val_data", "token_cache_dir"):
+            v = getattr(self, name)
+            need(v is None or v.strip() != "", name, "name a file/folder or leave it None")
         need(self.tokenizer in _TOKENIZERS, "tokenizer", f"use one of {_TOKENIZERS}")
         need(self.tokenizer != "bpe" or self.bpe_vocab_size > 257, "bpe_vocab_size",
              "a BPE vocabulary must exceed 257 (256 bytes + end-of-text); use e.g. 4096")
@@ -251,6 +264,8 @@ class TrainConfig:
             raise ValueError(
                 "TrainConfig.dtype='bfloat16' but this GPU has no bfloat16 support; "
                 "use --dtype float32")
+        from .data import check_source
+
         key = self.data.strip()
         if key == "hf" or key == "roneneldan/TinyStories":
             try:
@@ -259,17 +274,11 @@ class TrainConfig:
                 raise ValueError(
                     "TrainConfig.data='hf' needs the `datasets` package: pip install "
                     "datasets, or pass the path of a TinyStories .txt file, or "
-                    "use --data embedded") from None
-        elif key != "embedded":
-            p = Path(self.data).expanduser()
-            if not p.exists():
-                raise ValueError(
-                    f"TrainConfig.data={self.data!r}: no such file; pass 'embedded', "
-                    "'hf' or the path of a TinyStories .txt file")
-            if p.is_dir():
-                raise ValueError(
-                    f"TrainConfig.data={self.data!r} is a directory; pass the .txt file "
-                    f"inside it (e.g. {str(p / 'train.txt')!r})")
+                    "use --data embedded (the packaged sample)") from None
+        else:
+            check_source(self.data, "TrainConfig.data")
+        if self.val_data is not None:
+            check_source(self.val_data, "TrainConfig.val_data")
         if self.tokenizer == "bpe":
             try:
                 import tokenizers  # noqa: F401
@@ -496,7 +505,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         lr_phase1=1e-3, lr_phase2=3e-4, lr_phase3=2e-4,
         warmup_frac_phase1=0.05, warmup_frac_phase2=0.03, warmup_frac_phase3=0.03,
         eval_interval=500, eval_batches=32, log_interval=20, checkpoint_every=2000,
-        n_stories=20000, device="cuda", dtype="bfloat16",
+        device="cuda", dtype="bfloat16",
     ),
 }
 
@@ -559,7 +568,7 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
 #: because changing it would make the resumed run differ from an uninterrupted one.
 RESUME_OVERRIDABLE = frozenset({
     "device", "progress", "plot", "continue_on_failed_check", "checkpoint_every",
-    "keep_checkpoints", "threads",
+    "keep_checkpoints", "threads", "token_cache_dir",
 })
 
 

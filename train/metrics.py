@@ -33,6 +33,7 @@ __all__ = [
     "MetricsLog",
     "read_metrics",
     "atomic_write_text",
+    "post_growth_spikes",
 ]
 
 
@@ -88,6 +89,57 @@ def training_flops_per_token(model_config, seq_len: int) -> float:
     n_active = parameter_counts(c)["active"]
     attention = 12 * c.n_layers * c.n_heads * c.head_dim * seq_len
     return float(6 * n_active + attention)
+
+
+def post_growth_spikes(records: Iterable[dict[str, Any]],
+                       phase_steps: dict[int, int]) -> dict[str, dict[str, Any]]:
+    """The loss spike after each growth, from a run's ``metrics.jsonl`` records.
+
+    For the growth into phase ``p``: the largest validation loss in the first quarter of
+    phase ``p`` (evaluations at phase steps ``0 .. steps_p / 4``, the one right after the
+    growth included) relative to the last validation loss before the growth::
+
+        post_growth_spike = max_val_first_quarter / val_loss_before - 1
+
+    A function-preserving growth starts at 0; a positive value is a rise after it.
+
+    Args:
+        records: ``metrics.jsonl`` records (:class:`MetricsLog`).
+        phase_steps: Training steps of each phase, ``{2: steps_phase2, 3: ...}``.
+
+    Returns:
+        ``{"phase<p>": {...}}`` with ``post_growth_spike``, ``max_val_first_quarter``,
+        ``max_at_step`` (phase step of that maximum), ``val_loss_before``,
+        ``first_quarter_steps``, ``n_evals`` and ``complete`` (whether the run got past
+        the first quarter), for each growth in the records.
+    """
+    records = list(records)
+    out: dict[str, dict[str, Any]] = {}
+    for g in records:
+        if g.get("kind") != "growth" or g.get("val_loss_before") is None:
+            continue
+        p = g["phase"]
+        quarter = phase_steps.get(p, 0) / 4
+        evals = [r for r in records if r.get("kind") == "eval" and r.get("phase") == p
+                 and r.get("val_loss") is not None and 0 <= r["step"] <= quarter]
+        if not evals:
+            continue
+        top = max(evals, key=lambda r: r["val_loss"])
+        before = g["val_loss_before"]
+        reached = max((r["step"] for r in records
+                       if r.get("phase") == p and r.get("step") is not None), default=0)
+        out[f"phase{p}"] = {
+            "event": g.get("event"),
+            "global_step": g.get("global_step"),
+            "val_loss_before": before,
+            "max_val_first_quarter": top["val_loss"],
+            "max_at_step": top["step"],
+            "post_growth_spike": top["val_loss"] / before - 1 if before else None,
+            "first_quarter_steps": quarter,
+            "n_evals": len(evals),
+            "complete": reached >= quarter,
+        }
+    return out
 
 
 # ---------------------------------------------------------------------------

@@ -12,36 +12,80 @@ A run directory holds ``config.json`` (the resolved :class:`TrainConfig`),
 ``latest.json``, ``loss_curve.png``, ``final/`` (the last model and its tokenizer) and
 ``summary.json``.
 
-Exit status: 0 when the run completed, 1 when a growth check failed (and
-``--continue-on-failed-check`` was not given), 2 for a bad configuration (nothing is
-written then), 3 when the loss became NaN/inf, 130 when interrupted (resume with
-``--resume RUN_DIR``).
+Exit status (:data:`EXIT_STATUS_HELP`, also at the end of ``--help``):
+
+    0    the run completed
+    1    a growth check failed (and ``--continue-on-failed-check`` was not given)
+    2    bad configuration: a bad flag, config file or value, or a ``--resume`` flag
+         that would change the run (nothing is written then)
+    3    the loss became NaN/inf
+    4    ``--resume RUN_DIR`` cannot resume: not a run directory, its config.json,
+         tokenizer.json or latest.json unreadable, latest.json naming a folder outside
+         RUN_DIR/checkpoints, or no checkpoint that verifies against its manifest
+    5    ``--resume`` refused: the run's config.json was edited since the checkpoint
+         (the changed fields are named), or the data no longer match the run
+    70   an unexpected error, i.e. a bug (the traceback is printed, then one line)
+    130  interrupted (resume with ``--resume RUN_DIR``)
+
+Every failure prints one line to stderr (``error: ...``). A resumed run first removes the
+unfinished checkpoint folders an interrupted save left (``checkpoints/.step-*.tmp``),
+then starts from the newest checkpoint that verifies: when the one ``latest.json`` names
+is damaged it says so and falls back to an older one.
 """
 
 from __future__ import annotations
 
+import json
+import re
+import shutil
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Sequence
 
-from .checkpoint import atomic_write_json
+from .checkpoint import (
+    ResumeError,
+    ResumeRefused,
+    atomic_write_json,
+    check_resume_config,
+    clean_orphans,
+    select_checkpoint,
+)
 from .config import (
     TrainConfig,
     build_parser,
     config_from_namespace,
     resume_overrides,
 )
-from .metrics import read_metrics
+from .metrics import post_growth_spikes, read_metrics
 from .trainer import GrowthCheckFailed, Trainer
 
-__all__ = ["main", "run", "make_run_dir", "EXIT_OK", "EXIT_FAILED_CHECK", "EXIT_BAD_CONFIG"]
+__all__ = ["main", "run", "make_run_dir", "EXIT_OK", "EXIT_FAILED_CHECK", "EXIT_BAD_CONFIG",
+           "EXIT_DIVERGED", "EXIT_RESUME_FAILED", "EXIT_RESUME_REFUSED", "EXIT_INTERNAL", "EXIT_INTERRUPTED",
+           "EXIT_STATUS_HELP"]
 
 EXIT_OK = 0
 EXIT_FAILED_CHECK = 1
 EXIT_BAD_CONFIG = 2
 EXIT_DIVERGED = 3
+EXIT_RESUME_FAILED = 4
+EXIT_RESUME_REFUSED = 5
+EXIT_INTERNAL = 70  # an unexpected exception (a bug): traceback, then one line
 EXIT_INTERRUPTED = 130
+
+EXIT_STATUS_HELP = (
+    "exit status: 0 completed; 1 a growth check failed; 2 bad configuration (nothing "
+    "written); 3 loss not finite; 4 --resume cannot resume (not a run directory, a damaged "
+    "config.json/tokenizer.json/latest.json, latest.json naming a folder outside the run, "
+    "or no checkpoint that verifies); 5 --resume refused (config.json edited since the "
+    "checkpoint, or different data); 70 internal error (a bug; the traceback is printed); "
+    "130 interrupted. A resumed run falls back to the "
+    "newest checkpoint that verifies and says so.")
+
+
+def _resume_code(e: ResumeError) -> int:
+    return EXIT_RESUME_REFUSED if isinstance(e, ResumeRefused) else EXIT_RESUME_FAILED
 
 
 def make_run_dir(cfg: TrainConfig) -> Path:
@@ -52,7 +96,11 @@ def make_run_dir(cfg: TrainConfig) -> Path:
     """
     if cfg.run_dir:
         path = Path(cfg.run_dir).expanduser()
-        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        if path.exists() and not path.is_dir():
+            raise ValueError(
+                f"TrainConfig.run_dir={cfg.run_dir!r} is a file, not a folder; choose a new "
+                "or empty folder for --run-dir")
+        if path.exists() and any(path.iterdir()):
             raise ValueError(
                 f"TrainConfig.run_dir={cfg.run_dir!r} already exists and is not empty; "
                 f"continue it with --resume {cfg.run_dir} or choose another --run-dir")
@@ -101,7 +149,7 @@ def _summary(trainer: Trainer, status: str, wall_s: float, message: str | None) 
         "dtype": cfg.dtype,
         "reset_optimizer": cfg.reset_optimizer,
         "phases": phases,
-        "growth": s.get("growth", {}),
+        "growth": _growth_with_spikes(trainer),
         "checks": s.get("checks", {}),
         "checks_passed": all(c["passed"] for c in s.get("checks", {}).values()),
         "final_val_loss": s.get("last_val_loss"),
@@ -113,6 +161,20 @@ def _summary(trainer: Trainer, status: str, wall_s: float, message: str | None) 
         "wall_time_s": wall_s,
         "final_model": "final" if status == "completed" else None,
     }
+
+
+def _growth_with_spikes(trainer: Trainer) -> dict[str, Any]:
+    """The state's growth records plus each growth's loss spike (metrics.post_growth_spikes)."""
+    growth = {k: dict(v) for k, v in trainer.state.get("growth", {}).items()}
+    steps = {p: trainer.cfg.steps(p) for p in (1, 2, 3)}
+    for key, sp in post_growth_spikes(read_metrics(trainer.run_dir / "metrics.jsonl"),
+                                      steps).items():
+        growth.setdefault(key, {}).update(
+            post_growth_spike=sp["post_growth_spike"],
+            max_val_first_quarter=sp["max_val_first_quarter"],
+            max_at_step=sp["max_at_step"], first_quarter_steps=sp["first_quarter_steps"],
+            spike_evals=sp["n_evals"], spike_complete=sp["complete"])
+    return growth
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
@@ -131,6 +193,11 @@ def _print_summary(summary: dict[str, Any]) -> None:
         print(f"{g['event']:>17} (into {key}): val loss {g['val_loss_before']:.4f} -> "
               f"{g['val_loss_after']:.4f} ({100 * g['val_rel_change']:.3f}%), check "
               f"{'PASSED' if c.get('check_passed') else 'FAILED'}")
+        if g.get("post_growth_spike") is not None:
+            print(f"{'':>17}  first quarter of phase {key[-1]} (steps 0-"
+                  f"{g['first_quarter_steps']:g}): max val loss {g['max_val_first_quarter']:.4f} "
+                  f"at step {g['max_at_step']}, post-growth spike "
+                  f"{100 * g['post_growth_spike']:+.2f}% (goal <= 2%)")
     print(f"tokens: {summary['tokens_seen']:,}   training compute: "
           f"{_fmt_flops(summary['flops'] or 0.0)}   wall time: {summary['wall_time_s']:.1f} s")
     print(f"run directory: {summary['run_dir']}")
@@ -140,13 +207,27 @@ def run(cfg: TrainConfig, resume_dir: str | Path | None = None) -> int:
     """Runs (or resumes) the pipeline for a checked config; returns the exit status."""
     t_start = time.perf_counter()
     resume = resume_dir is not None
+    point = None
+    if resume:
+        try:
+            point = _resume_point(Path(resume_dir), cfg)
+        except ResumeError as e:
+            print(f"error: --resume {resume_dir}: {e}", file=sys.stderr)
+            return _resume_code(e)
+    # What a failed start may not leave behind ("nothing is written"): folders it creates.
+    out_dir = Path(cfg.out_dir).expanduser()
+    fresh = [p for p in (out_dir, out_dir / ".tokenizer-cache") if not p.exists()]
     try:
         cfg.check_runtime()
         dataset, tokenizer, desc = Trainer.load_data(cfg, Path(resume_dir) if resume else None)
         run_dir = Path(resume_dir) if resume else make_run_dir(cfg)
     except (ValueError, FileNotFoundError, ImportError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        _remove_fresh(fresh)
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return EXIT_BAD_CONFIG
+    except BaseException:
+        _remove_fresh(fresh)
+        raise
     print(f"data source: {desc}")
     print(f"dataset: {dataset.describe()}; tokenizer: {tokenizer.kind} "
           f"(vocab {tokenizer.vocab_size})")
@@ -157,12 +238,15 @@ def run(cfg: TrainConfig, resume_dir: str | Path | None = None) -> int:
         atomic_write_json(run_dir / "config.json", cfg.to_dict())
         tokenizer.save(run_dir)
 
-    trainer = Trainer(cfg, run_dir, dataset, tokenizer, desc, resume=resume)
+    trainer = Trainer(cfg, run_dir, dataset, tokenizer, desc, resume=resume, resume_from=point)
     status, code, message = "completed", EXIT_OK, None
     try:
         trainer.start()
         trainer.run()
         trainer.save_final()
+    except ResumeError as e:
+        status, code, message = "resume_failed", _resume_code(e), str(e)
+        print(f"error: --resume {run_dir}: {e}", file=sys.stderr)
     except GrowthCheckFailed as e:
         status, code, message = "failed_check", EXIT_FAILED_CHECK, str(e)
         print(f"\nSTOPPED: {e}", file=sys.stderr)
@@ -188,7 +272,8 @@ def run(cfg: TrainConfig, resume_dir: str | Path | None = None) -> int:
 
         try:
             png = plot_run(read_metrics(run_dir / "metrics.jsonl"), run_dir / "loss_curve.png",
-                           title=f"{run_dir.name}: {desc}")
+                           title=f"{run_dir.name}: {desc}",
+                           phase_steps={p: cfg.steps(p) for p in (1, 2, 3)})
             summary["plot"] = png.name if png is not None else None
         except Exception as e:  # a plot must never lose a finished run
             print(f"note: could not draw loss_curve.png: {e}", file=sys.stderr)
@@ -198,24 +283,115 @@ def run(cfg: TrainConfig, resume_dir: str | Path | None = None) -> int:
     return code
 
 
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def _remove_fresh(paths: list[Path]) -> None:
+    """Removes the folders in ``paths`` (created by this call), innermost first."""
+    for p in reversed(paths):
+        if p.is_dir() and not p.is_symlink():
+            if p.name == ".tokenizer-cache":
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                try:
+                    p.rmdir()  # only if empty
+                except OSError:
+                    pass
+
+
+def _resume_point(run_dir: Path, cfg: TrainConfig):
+    """Cleans a resumed run's orphaned temporary folders, checks its tokenizer.json, picks
+    the checkpoint to start from (falling back past damaged ones) and refuses a changed
+    config; see checkpoint.py. Raises ResumeError / ResumeRefused (one-line messages)."""
+    removed = clean_orphans(run_dir)
+    if removed:
+        print(f"resume: removed {len(removed)} unfinished checkpoint folder(s) left by an "
+              f"interrupted save: {', '.join(removed)}", file=sys.stderr)
+    if (run_dir / "tokenizer.json").exists():
+        from .data import load_tokenizer
+
+        try:
+            load_tokenizer(run_dir)
+        except ImportError:
+            pass  # a missing package: the data step names it (exit 2)
+        except Exception as e:  # noqa: BLE001 - any failure to read it is damage
+            raise ResumeError(f"the run's tokenizer.json is damaged ({_one_line(e)})") from None
+    point = select_checkpoint(run_dir, say=lambda m: print(m, file=sys.stderr))
+    if point is not None:
+        check_resume_config(cfg.to_dict(), *point)
+    return point
+
+
+# A value that argparse would take for an option: -1e-3, -.5, -inf (plain -1 it accepts).
+_NEGATIVE = re.compile(r"^-(\d|\.\d|inf$|nan$)", re.IGNORECASE)
+
+
+def _join_negative_values(argv: Sequence[str], parser) -> list[str]:
+    """``--lr-phase2 -1e-3`` -> ``--lr-phase2=-1e-3``, so that a negative number reaches
+    the field's check (which names the field and the valid range) instead of argparse's
+    "expected one argument"."""
+    takes_value = {opt for a in parser._actions if a.option_strings and a.nargs is None
+                   for opt in a.option_strings}
+    out, i, argv = [], 0, list(argv)
+    while i < len(argv):
+        tok = argv[i]
+        if tok == "--":
+            out += argv[i:]
+            break
+        if tok in takes_value and i + 1 < len(argv) and _NEGATIVE.match(argv[i + 1]):
+            out.append(f"{tok}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(tok)
+        i += 1
+    return out
+
+
 def main(argv: Sequence[str] | None = None, prog: str = "train_tinystories.py") -> int:
     """Parses the command line and runs; returns the exit status (see module docstring)."""
     parser = build_parser(prog)
-    ns = parser.parse_args(argv)
+    parser.epilog = EXIT_STATUS_HELP
+    argv = sys.argv[1:] if argv is None else argv
+    ns = parser.parse_args(_join_negative_values(argv, parser))
+    if ns.resume:
+        run_dir = Path(ns.resume).expanduser()
+        where = f"--resume {ns.resume}"
+        if not run_dir.is_dir():
+            what = "is a file" if run_dir.exists() else "does not exist"
+            print(f"{prog}: error: {where}: {what}; pass a run directory this pipeline created",
+                  file=sys.stderr)
+            return EXIT_RESUME_FAILED
+        if not (run_dir / "config.json").is_file():
+            print(f"{prog}: error: {where}: no config.json there; pass a run directory this "
+                  "pipeline created", file=sys.stderr)
+            return EXIT_RESUME_FAILED
+        try:
+            data = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+            if not isinstance(data, dict):
+                raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+            stored = TrainConfig.from_dict(data)
+        except (ValueError, OSError) as e:
+            print(f"{prog}: error: {where}: the run's config.json is damaged or invalid "
+                  f"({_one_line(e)}); restore it (each checkpoint's state.json holds a copy "
+                  "under train_config)", file=sys.stderr)
+            return EXIT_RESUME_FAILED
     try:
         if ns.resume:
-            run_dir = Path(ns.resume).expanduser()
-            if not (run_dir / "config.json").is_file():
-                raise ValueError(f"--resume {ns.resume!r}: no config.json there; pass a run "
-                                 "directory this pipeline created")
-            cfg = resume_overrides(ns, TrainConfig.from_file(run_dir / "config.json"))
+            cfg = resume_overrides(ns, stored)
         else:
             run_dir = None
             cfg = config_from_namespace(ns)
     except ValueError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_BAD_CONFIG
     if ns.print_config:
         print(cfg.to_json_str(), end="")
         return EXIT_OK
-    return run(cfg, resume_dir=run_dir)
+    try:
+        return run(cfg, resume_dir=run_dir)
+    except Exception as e:  # noqa: BLE001 - keep exit 1 for "a growth check failed"
+        traceback.print_exc()
+        print(f"{prog}: error: internal error ({type(e).__name__}: {_one_line(e)}); this is a "
+              "bug, please report it with the traceback above", file=sys.stderr)
+        return EXIT_INTERNAL

@@ -17,13 +17,20 @@ _PHASE_COLORS = {1: "#e8f0fb", 2: "#fdf1e3", 3: "#eaf6ea"}
 
 
 def plot_run(records: Sequence[dict[str, Any]], path: str | os.PathLike,
-             title: str = "") -> Path | None:
+             title: str = "", phase_steps: dict[int, int] | None = None) -> Path | None:
     """Draws train and validation loss against the global step and saves a PNG.
+
+    Each growth is a dashed line labelled with its post-growth spike (the largest
+    validation loss in the first quarter of the next phase relative to the last one
+    before the growth, :func:`growkit.train.metrics.post_growth_spikes`); that maximum
+    is circled and the first quarter shaded.
 
     Args:
         records: ``metrics.jsonl`` records (see :class:`growkit.train.metrics.MetricsLog`).
         path: Where the PNG goes (written atomically).
         title: Figure title.
+        phase_steps: Steps of each phase (``{2: steps_phase2, ...}``), for the first
+            quarters; None infers them from the records (exact for a finished run).
 
     Returns:
         ``path``, or None when matplotlib is missing or there is nothing to plot.
@@ -38,6 +45,7 @@ def plot_run(records: Sequence[dict[str, Any]], path: str | os.PathLike,
               "(pip install matplotlib)")
         return None
     from .checkpoint import atomic_write
+    from .metrics import post_growth_spikes
 
     train = [r for r in records if r["kind"] == "train" and r.get("loss") is not None]
     evals = [r for r in records if r["kind"] == "eval" and r.get("val_loss") is not None]
@@ -65,16 +73,35 @@ def plot_run(records: Sequence[dict[str, Any]], path: str | os.PathLike,
     if evals:
         ax.plot([r["global_step"] for r in evals], [r["val_loss"] for r in evals],
                 color="#cc3311", marker="o", ms=3, lw=1.2, label="validation loss")
+    if phase_steps is None:
+        phase_steps = {}
+        for r in records:
+            if r.get("phase") is not None and r.get("step") is not None:
+                phase_steps[r["phase"]] = max(phase_steps.get(r["phase"], 0), r["step"])
+    spikes = post_growth_spikes(records, phase_steps)
+    spike_label = "max val loss, first quarter after growth"
     for g in growth:
         ax.axvline(g["global_step"], color="black", ls="--", lw=1)
         label = g.get("event") or "growth"
+        sp = spikes.get(f"phase{g['phase']}")
+        if sp is not None and sp["post_growth_spike"] is not None:
+            label += f"\nspike {100 * sp['post_growth_spike']:+.2f}%"
+            x0 = g["global_step"]
+            ax.axvspan(x0, x0 + max(sp["first_quarter_steps"], 1e-9), color="#999999",
+                       alpha=0.15, zorder=0)
+            ax.plot([x0 + sp["max_at_step"]], [sp["max_val_first_quarter"]], "o", ms=9,
+                    mfc="none", mec="black", mew=1.2, label=spike_label)
+            spike_label = None  # one legend entry
         ax.annotate(label, (g["global_step"], 1.0), xycoords=("data", "axes fraction"),
-                    xytext=(3, -12), textcoords="offset points", fontsize=8, rotation=0)
+                    xytext=(3, -12), textcoords="offset points", fontsize=8, rotation=0,
+                    va="top")
     ax.set_xlabel("global step")
     ax.set_ylabel("loss (nats/token, log scale)")
     ax.set_yscale("log")  # the untrained loss (ln V) would flatten everything else
     if title:
-        ax.set_title(title)
+        import textwrap
+
+        ax.set_title(textwrap.fill(title, 110), fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=5, fontsize=8,
               frameon=False)

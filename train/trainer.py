@@ -18,7 +18,6 @@ losses bit for bit.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -33,17 +32,20 @@ from tqdm.auto import tqdm
 from growkit.models import ModelConfig, Transformer, causal_lm_loss, load_model, save_model
 
 from .checkpoint import (
+    CHECKPOINTS_DIR,
+    ResumeError,
+    ResumeRefused,
     atomic_write_json,
+    check_resume_config,
     checkpoint_name,
-    latest_checkpoint,
-    load_checkpoint_state,
     load_optimizer,
     load_rng,
     prune_checkpoints,
     save_checkpoint,
+    select_checkpoint,
 )
 from .config import TrainConfig
-from .data import TokenDataset, build_tokenizer, load_texts, load_tokenizer, split_stories
+from .data import TokenDataset, load_tokenizer, prepare_data
 from .metrics import MetricsLog, parameter_counts, training_flops_per_token
 
 __all__ = ["Trainer", "GrowthCheckFailed", "lr_at", "make_optimizer"]
@@ -181,13 +183,16 @@ class Trainer:
     """
 
     def __init__(self, cfg: TrainConfig, run_dir: Path, dataset: TokenDataset, tokenizer,
-                 data_description: str, resume: bool) -> None:
+                 data_description: str, resume: bool,
+                 resume_from: tuple[Path, dict[str, Any]] | None = None) -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.ds = dataset
         self.tokenizer = tokenizer
         self.data_description = data_description
         self.resume = resume
+        # (checkpoint, verified state) chosen by checkpoint.select_checkpoint; None: choose
+        self.resume_from = resume_from
         self.device = torch.device(cfg.resolved_device())
         self.autocast_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else None
         self.batch_gen = torch.Generator(device="cpu")
@@ -205,35 +210,14 @@ class Trainer:
     @staticmethod
     def load_data(cfg: TrainConfig, run_dir: Path | None = None):
         """(dataset, tokenizer, description); a resumed run reuses its tokenizer.json."""
-        texts, desc = load_texts(cfg.data, n_default_stories=cfg.n_stories, seed=cfg.seed,
-                                 max_stories=cfg.max_stories)
         tok = None
         if run_dir is not None and (Path(run_dir) / "tokenizer.json").is_file():
             tok = load_tokenizer(run_dir)
-        elif cfg.tokenizer == "bpe":
-            train_texts, _ = split_stories(texts, cfg.val_fraction, cfg.seed)
-            tok = build_tokenizer("bpe", train_texts, cfg.bpe_vocab_size,
-                                  cache_dir=Path(cfg.out_dir) / ".tokenizer-cache")
-        else:
-            tok = build_tokenizer("byte")
-        ds = TokenDataset.from_texts(texts, tok, val_fraction=cfg.val_fraction, seed=cfg.seed)
-        if ds.n_val_tokens < cfg.seq_len + 1:
-            raise ValueError(
-                f"TrainConfig.val_fraction={cfg.val_fraction}: the validation split has "
-                f"{ds.n_val_tokens} tokens, fewer than seq_len + 1 = {cfg.seq_len + 1}; "
-                "raise val_fraction, load more stories or lower seq_len")
-        if ds.n_train_tokens < cfg.seq_len + 1:
-            raise ValueError(
-                f"TrainConfig.seq_len={cfg.seq_len} exceeds the training split "
-                f"({ds.n_train_tokens} tokens); load more stories or lower seq_len")
-        return ds, tok, desc
+        return prepare_data(cfg, tokenizer=tok)
 
     def data_fingerprint(self) -> dict[str, Any]:
-        h = hashlib.sha256()
-        for split in ("train", "val"):
-            h.update(self.ds.tokens(split).numpy().tobytes())
-        return {"sha256": h.hexdigest(), "train_tokens": self.ds.n_train_tokens,
-                "val_tokens": self.ds.n_val_tokens, "vocab_size": self.tokenizer.vocab_size}
+        # From the token caches' checksums: never reads (or holds) the whole corpus.
+        return {**self.ds.fingerprint(), "vocab_size": self.tokenizer.vocab_size}
 
     def _say(self, msg: str) -> None:
         tqdm.write(msg)
@@ -253,8 +237,10 @@ class Trainer:
         cfg = self.cfg
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
-        ckpt = latest_checkpoint(self.run_dir) if self.resume else None
-        if ckpt is None:
+        point = None
+        if self.resume:
+            point = self.resume_from or select_checkpoint(self.run_dir, say=self._say)
+        if point is None:
             if self.resume:
                 self._say(f"resume: {self.run_dir} has no checkpoint yet; starting from step 0")
             mcfg = cfg.model_config(self.tokenizer.vocab_size)
@@ -274,24 +260,30 @@ class Trainer:
                                       keep=0 if self.resume else None)
             self._evaluate_and_log()  # the untrained model's validation loss
             return
-        state = load_checkpoint_state(ckpt)
+        ckpt, state = point
+        check_resume_config(cfg.to_dict(), ckpt, state)
         fp = self.data_fingerprint()
         if state.get("data") != fp:
-            raise ValueError(
+            raise ResumeRefused(
                 f"TrainConfig.data={cfg.data!r}: the data no longer matches the run being "
                 f"resumed (stored {state.get('data')}, now {fp}); resume with the same data")
-        self.model = load_model(ckpt, device=self.device)
-        _rehome_(self.model.parameters())
-        self.optimizer = make_optimizer(self.model, cfg, cfg.lr(state["phase"]))
-        load_optimizer(self.optimizer, self.model, ckpt)
-        for st in self.optimizer.state.values():
-            for k, v in st.items():
-                if torch.is_tensor(v):
-                    st[k] = v.clone()
-        load_rng(ckpt, self.batch_gen)
+        try:
+            model = load_model(ckpt, device=self.device)
+            _rehome_(model.parameters())
+            optimizer = make_optimizer(model, cfg, cfg.lr(state["phase"]))
+            load_optimizer(optimizer, model, ckpt)
+            for st in optimizer.state.values():
+                for k, v in st.items():
+                    if torch.is_tensor(v):
+                        st[k] = v.clone()
+            load_rng(ckpt, self.batch_gen)
+            metrics = MetricsLog(self.run_dir / "metrics.jsonl", keep=state["metrics_records"])
+        except Exception as e:  # verified files that still do not load: say which, in one line
+            why = " ".join(str(e).split())[:300] or type(e).__name__
+            raise ResumeError(f"{CHECKPOINTS_DIR}/{ckpt.name} cannot be loaded: {why}") from e
+        self.model, self.optimizer, self.metrics = model, optimizer, metrics
         self.state = state
         self._elapsed_before = float(state["elapsed_s"])
-        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", keep=state["metrics_records"])
         self._say(f"resume: {ckpt.name} (phase {state['phase']}, step {state['phase_step']}, "
                   f"global step {state['global_step']})")
 
@@ -372,6 +364,14 @@ class Trainer:
         opt.zero_grad(set_to_none=True)
         return loss.detach(), ce.detach(), None if aux is None else aux.detach(), grad_norm
 
+    def _spike_eval(self, phase: int, step: int) -> bool:
+        """An extra evaluation: ``post_growth_evals`` of them, evenly spaced over the first
+        quarter of a phase that follows a growth, to measure the loss spike there."""
+        n, quarter = self.cfg.post_growth_evals, self.cfg.steps(phase) // 4
+        if phase == 1 or n <= 0 or quarter < 1 or not 0 < step <= quarter:
+            return False
+        return (step * n) // quarter > ((step - 1) * n) // quarter
+
     def train_phase(self, phase: int) -> None:
         cfg, s = self.cfg, self.state
         total = cfg.steps(phase)
@@ -414,7 +414,8 @@ class Trainer:
                 else:
                     interval_time += time.perf_counter() - t
                 bar.update(1)
-                if s["phase_step"] % cfg.eval_interval == 0 or last:
+                if s["phase_step"] % cfg.eval_interval == 0 or last \
+                        or self._spike_eval(phase, s["phase_step"]):
                     self._evaluate_and_log()
                     bar.set_postfix(loss=f"{float(loss):.3f}", val=f"{s['last_val_loss']:.3f}",
                                     lr=f"{lr:.1e}", refresh=True)
