@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from growkit.models.io import atomic_write_text  # noqa: F401  (re-exported for the benchmarks)
+from growkit.files import atomic_write_text  # noqa: F401  (re-exported for the benchmarks)
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .roles import ROLE_RULES, Role
+from .tiling import tile_for_role
 
 
 @dataclass(frozen=True)
@@ -61,8 +62,6 @@ class GrowthRecord:
         Returns:
             new parameter name -> tensor shaped like the new parameter.
         """
-        from .width import tile_for_role  # width imports this module
-
         out = {}
         for new_name, src in self.sources.items():
             t = tensors.get(src.name) if src.name is not None else None

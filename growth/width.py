@@ -25,13 +25,13 @@ import zlib
 import torch
 from torch import nn
 
-from growkit.kernels import hyperclone
 from growkit.kernels.memory import check_memory
 
 from .adapters import get_adapter
 from .plan import GrowthPlan, TensorPlan, TensorSpec, build_from_plan, source_specs
 from .records import GrowthRecord, Source
 from .roles import ROLE_RULES, Role
+from .tiling import tile_for_role
 
 
 def check_scale(scale_factor, name: str = "scale_factor") -> int:
@@ -66,33 +66,6 @@ def check_seed(seed) -> int:
 def derive_seed(seed: int, name: str) -> int:
     """A per-parameter seed, so that no two tensors get the same noise stream."""
     return (seed * 0x9E3779B97F4A7C15 + zlib.crc32(name.encode())) % (2**63)
-
-
-def tile_for_role(
-    tensor: torch.Tensor,
-    role: Role,
-    scale: int,
-    *,
-    divide: bool = True,
-    noise_std: float = 0.0,
-    noise: str = "zero_sum",
-    seed: int = 0,
-) -> torch.Tensor:
-    """Grow one tensor of ``role`` by ``scale`` through the fused ``hyperclone`` kernel."""
-    rule = ROLE_RULES[role]
-    if tensor.dim() != len(rule.dims):
-        raise ValueError(
-            f"a {role.value} tensor has dims {rule.dims}, but this one has shape {tuple(tensor.shape)}"
-        )
-    reps = rule.repeats(scale)
-    divide = divide and rule.input_dim is not None
-    if not rule.noise or not divide:
-        noise_std = 0.0  # only linear maps with a tiled input get (zero-sum) noise
-    if tensor.dim() == 1:
-        return hyperclone(tensor, reps[0], 1)
-    if tensor.dim() == 3 and reps[0] != 1:  # pragma: no cover - excluded by the table check
-        raise ValueError(f"{role.value}: a 3-D tensor's leading dim must not widen")
-    return hyperclone(tensor, reps[-2], reps[-1], noise_std=noise_std, noise=noise, seed=seed, divide=divide)
 
 
 def hyperclone_weight(

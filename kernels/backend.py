@@ -81,13 +81,3 @@ def use_triton(device: torch.device, backend: str | None = None) -> bool:
         )
         raise RuntimeError(f"GROWKIT_BACKEND=triton cannot run: {why}. Use GROWKIT_BACKEND=torch or auto.")
     return can_run
-
-
-def autotune_configs(gpu_configs: list, interpreter_config):
-    """Several configs on a GPU, exactly one under the interpreter.
-
-    NOTE: a multi-config ``triton.autotune`` fails without a GPU (it benchmarks with CUDA
-    events), so the interpreter gets a single large-tile config: a program costs
-    milliseconds there, so big tiles keep interpreted tests fast.
-    """
-    return [interpreter_config] if interpreter_enabled() else gpu_configs

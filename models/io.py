@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
-from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from growkit.files import atomic_write, atomic_write_text  # noqa: F401  (re-exported)
 
 from .config import ModelConfig
 from .transformer import Transformer
@@ -24,51 +24,6 @@ __all__ = ["save_model", "load_model", "model_from_state_dict", "atomic_write", 
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Calls ``write(tmp)`` for a temporary file beside ``path``, then renames it to ``path``.
-
-    The one atomic writer of the project (checkpoints, reports, tokenizers, benchmark
-    results). The temporary file is in the destination folder because ``os.replace`` is
-    atomic only within one filesystem; it is fsynced before the rename so a power loss
-    cannot leave an empty file under the final name.
-    """
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    os.close(fd)
-    try:
-        write(tmp)
-        # mkstemp creates the file 0600 (and a writer may recreate it): give the result
-        # the permissions a plain open() would.
-        os.chmod(tmp, 0o666 & ~_umask())
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.remove(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """:func:`atomic_write` of a UTF-8 text."""
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-
-    atomic_write(path, write)
 
 
 def save_model(model: Transformer, directory: str | os.PathLike) -> None:

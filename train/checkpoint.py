@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from growkit.models.io import atomic_write
+from growkit.files import atomic_write
 
 __all__ = [
     "CHECKPOINTS_DIR",

@@ -50,7 +50,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence, Union
 import numpy as np
 import torch
 
-from growkit.models.io import atomic_write, atomic_write_text
+from growkit.files import atomic_write, atomic_write_text
 
 __all__ = [
     "EOT_TOKEN",

@@ -27,12 +27,13 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
+from growkit.files import atomic_write_text
+
 __all__ = [
     "parameter_counts",
     "training_flops_per_token",
     "MetricsLog",
     "read_metrics",
-    "atomic_write_text",
     "post_growth_spikes",
 ]
 
@@ -142,21 +143,6 @@ def post_growth_spikes(records: Iterable[dict[str, Any]],
     return out
 
 
-# ---------------------------------------------------------------------------
-# Files
-# ---------------------------------------------------------------------------
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Writes ``text`` through a temporary file in the same folder and ``os.replace``."""
-    from .checkpoint import atomic_write  # one implementation for every file
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-
-    atomic_write(path, write)
-
-
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Records of a ``metrics.jsonl``; a torn last line (a killed writer) is skipped."""
     out = []
@@ -233,6 +219,3 @@ class MetricsLog:
     def close(self) -> None:
         if not self._f.closed:
             self._f.close()
-
-    def of_kind(self, kind: str) -> Iterable[dict[str, Any]]:
-        return (r for r in self.records if r["kind"] == kind)

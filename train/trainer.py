@@ -25,7 +25,6 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -102,60 +101,16 @@ def lr_at(cfg: TrainConfig, phase: int, step: int) -> float:
 # Growth-check results
 # ---------------------------------------------------------------------------
 
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if torch.is_tensor(obj):
-        return obj.item() if obj.numel() == 1 else obj.tolist()
-    if isinstance(obj, (np.generic,)):
-        return obj.item()
-    if isinstance(obj, (str, int, float, bool)) or obj is None:
-        return obj
-    if hasattr(obj, "__dict__"):
-        return _jsonable(vars(obj))
-    return repr(obj)
+def _check_outcome(result) -> tuple[bool, dict[str, Any], str, str]:
+    """(passed, JSON report, full text, one-line summary) of a check's report.
 
-
-def _normalize_check(result: Any) -> tuple[bool, dict[str, Any], str | None, str | None]:
-    """(passed, JSON-able report, full text, short text) from what a check returned.
-
-    The verify functions return a report (``passed``, ``to_json()``, ``render()``,
-    ``summary()``); a bare bool or a dict with ``passed`` is accepted too.
+    Both checks the pipeline runs (``run_growth_checks``, ``verify_functional_equivalence``)
+    return a ``GrowthReport`` or a ``CheckResult``: ``passed``, ``to_json()``, ``render()``.
     """
-    full = short = None
-    if hasattr(result, "passed"):
-        passed = bool(result.passed)
-        if hasattr(result, "to_json"):
-            raw = result.to_json()
-            report = json.loads(raw) if isinstance(raw, str) else _jsonable(raw)
-        else:
-            report = _jsonable(result)
-        for attr, slot in (("render", "full"), ("summary", "short")):
-            fn = getattr(result, attr, None)
-            if callable(fn):
-                try:
-                    text = str(fn())
-                except TypeError:
-                    continue
-                if slot == "full":
-                    full = text
-                else:
-                    short = text
-        if full is None and type(result).__str__ is not object.__str__:
-            full = str(result)
-    elif isinstance(result, (bool, np.bool_)):
-        passed, report = bool(result), {}
-    elif isinstance(result, dict) and "passed" in result:
-        passed, report = bool(result["passed"]), _jsonable(result)
-    else:
-        raise TypeError(f"growth check returned {type(result).__name__}; expected a report "
-                        "with .passed or a bool")
-    if not isinstance(report, dict):
-        report = {"report": report}
-    report.setdefault("passed", passed)
-    return passed, report, full, short
+    report = json.loads(result.to_json())
+    report.setdefault("passed", bool(result.passed))
+    summary = result.summary() if callable(result.summary) else result.summary_line()
+    return bool(result.passed), report, result.render(), summary
 
 
 def _rehome_(params) -> None:
@@ -446,7 +401,7 @@ class Trainer:
             result = verify.run_growth_checks(old, new, probe, self.device,
                                               scale_factor=self.cfg.scale_factor,
                                               tolerance=self.cfg.check_tolerance)
-        return _normalize_check(result)
+        return _check_outcome(result)
 
     def _grow(self, phase: int, old: torch.nn.Module) -> torch.nn.Module:
         import growkit.growth as growth
