@@ -112,7 +112,10 @@ def grow(args: GrowArgs) -> int:
     if device == "cuda" and not torch.cuda.is_available():
         raise BadInput("--device cuda: CUDA is not available here; use --device cpu")
 
+    source_family = []
+
     def make_plans(adapter, config, specs, tied):
+        source_family.append(adapter.name)
         plans = []
         if moe:
             target = target_adapter(adapter)
@@ -136,7 +139,7 @@ def grow(args: GrowArgs) -> int:
         src, dst, make_plans, dtype=torch_dtype, device=device, max_shard_size=max_shard_size,
         overwrite=overwrite, dry_run=plan, progress=progress and not plan)
     if plan:
-        print(render_plan(plans, outputs, est))
+        print(render_plan(plans, outputs, est, source_family[0]))
         return EXIT_OK
     gb = est.bytes_out / 1e9
     print(f"grew {src} -> {dst}: {est.params_in / 1e6:.1f}M -> {est.params_out / 1e6:.1f}M parameters, "
@@ -146,11 +149,10 @@ def grow(args: GrowArgs) -> int:
     return EXIT_OK
 
 
-def render_plan(plans, outputs, est) -> str:
+def render_plan(plans, outputs, est, source_family: str) -> str:
     from growkit.growth.adapters import PART
 
     lines = ["steps: " + "; ".join(p.record.summary() for p in plans), ""]
-    first = plans[0]
     sources = {}
     for p in plans:
         for name, t in p.tensors.items():
@@ -166,7 +168,7 @@ def render_plan(plans, outputs, est) -> str:
         lines.append(f"{o.name.ljust(width)}  {old:>22}  {str(list(o.spec.shape)):>22}  {o.spec.nbytes / 1e6:9.2f}")
     lines += [
         "",
-        f"family: {first.adapter.name} -> {plans[-1].adapter.name}",
+        f"family: {source_family} -> {plans[-1].adapter.name}",
         f"tensors: {est.tensors}; parameters {est.params_in:,} -> {est.params_out:,}",
         f"bytes written: {est.bytes_out / 1e9:.3f} GB",
         f"estimated peak memory: {est.peak_bytes / 1e9:.3f} GB (the largest output, {est.largest}, and what it is made from)",
@@ -214,8 +216,8 @@ def verify(args: VerifyArgs) -> int:
 
     from growkit.growth.saving import GROWTH_FILE, load_growth_records, update_report
     from growkit.growth.stream import CheckpointReader
-    from growkit.models.io import atomic_write_text
-    from growkit.verify import run_growth_checks
+    from growkit.files import atomic_write_text
+    from growkit.verify import quick_sanity_check, run_growth_checks
 
     for name, d in (("SRC", src), ("DST", dst)):
         CheckpointReader(d).close()  # a clear message for a path that is not a checkpoint
@@ -242,6 +244,7 @@ def verify(args: VerifyArgs) -> int:
         if records is not None:
             new.growth_records = records
         report = run_growth_checks(old, new, probe, device=device, scale_factor=scale, tolerance=tolerance)
+        report.checks.append(quick_sanity_check(new.to(device), probe.to(device)))
     print(report)
     if json_path is not None:
         atomic_write_text(json_path, report.to_json())
@@ -263,16 +266,18 @@ def make_probe_ids(src: Path, dst: Path, probe_text: Path | None, seq_len: int, 
 
             try:
                 tokenizer = AutoTokenizer.from_pretrained(d)
-            except (OSError, ValueError):
+            except Exception:  # noqa: BLE001 - a broken tokenizer: fall back to random ids
                 tokenizer = None
             break
-    if tokenizer is None:
+    text = Path(probe_text).read_text(encoding="utf-8", errors="replace") if probe_text else SAMPLE_TEXT
+    ids = list(tokenizer(text)["input_ids"]) if tokenizer is not None else []
+    if not ids:
         if probe_text is not None:
-            raise BadInput("--probe-text needs a tokenizer in DST or SRC; neither has one")
+            raise BadInput(f"--probe-text {str(probe_text)!r} gives no tokens: it needs text and a "
+                           "working tokenizer in DST or SRC")
+        print("probe: random token ids (no usable tokenizer in DST or SRC)")
         gen = torch.Generator().manual_seed(seed)
         return torch.randint(0, vocab, (batch, seq_len), generator=gen)
-    text = Path(probe_text).read_text(encoding="utf-8", errors="replace") if probe_text else SAMPLE_TEXT
-    ids = tokenizer(text)["input_ids"]
     while len(ids) < batch * seq_len:
         ids = ids + ids
     ids = torch.tensor(ids[: batch * seq_len]).reshape(batch, seq_len)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from torch import nn
 
-from growkit.models.io import _umask, atomic_write_text
+from growkit.files import _umask, atomic_write_text
 
 from .adapters import get_adapter
 from .records import GrowthRecord, attach_records
@@ -139,18 +139,24 @@ def save_grown(
 
             save_model(model, tmp)
         write_growth_files(tmp, adapter.name, type(model).__name__, records, report_dict)
-        os.chmod(tmp, 0o777 & ~_umask())
-        if directory.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".old", dir=directory.parent))
-            os.replace(directory, old / "d")
-            os.replace(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, directory)
+        publish_directory(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
+
+
+def publish_directory(tmp: Path, final: Path) -> None:
+    """Move a finished directory into place (replacing ``final``, which must be allowed by
+    the caller): a reader sees the old directory or the new one, never a partial one."""
+    os.chmod(tmp, 0o777 & ~_umask())
+    if final.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
+        os.replace(final, old / "d")
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
 
 
 def read_growth_file(directory: str | os.PathLike) -> dict:

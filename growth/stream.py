@@ -25,7 +25,6 @@ import shutil
 import struct
 import tempfile
 import time
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +32,7 @@ import torch
 
 from .adapters import PART, get_family_adapter
 from .plan import GrowthPlan, TensorSpec, chain
-from .saving import write_growth_files
+from .saving import publish_directory, write_growth_files
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -58,6 +57,65 @@ def _read_json(path: Path) -> dict:
         raise ValueError(f"{path} is not valid JSON: {exc}") from None
 
 
+class SafetensorsFile:
+    """One safetensors file read with plain reads, one tensor at a time.
+
+    NOTE: ``safetensors.safe_open`` maps the file; every tensor read leaves its pages
+    mapped and counted in the process's resident memory until the file is closed, so
+    growing a 2 GB checkpoint measured a peak RSS that grew with the bytes read. Reading
+    each tensor into its own buffer keeps only the live tensors resident. The header is
+    parsed with its sizes checked against the file's real size.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        size = self.path.stat().st_size
+        self.f = open(self.path, "rb")
+        raw = self.f.read(8)
+        if len(raw) != 8:
+            raise ValueError(f"{self.path} is not a safetensors file (shorter than its header size)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > min(size - 8, 100 * 2**20):
+            raise ValueError(f"{self.path}: header size {n} exceeds the file ({size} bytes)")
+        try:
+            header = json.loads(self.f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{self.path}: unreadable safetensors header: {exc}") from None
+        header.pop("__metadata__", None)
+        self.start = 8 + n
+        self.entries = {}
+        for name, e in header.items():
+            try:
+                dtype = SAFETENSORS_DTYPES[e["dtype"]]
+                shape = tuple(int(x) for x in e["shape"])
+                begin, end = (int(x) for x in e["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise ValueError(f"{self.path}: malformed header entry for {name!r}") from None
+            nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            if begin < 0 or end - begin != nbytes or self.start + end > size or min(shape, default=1) < 0:
+                raise ValueError(f"{self.path}: {name!r} does not fit the file (offsets {begin}..{end}, {size} bytes)")
+            self.entries[name] = (dtype, shape, begin)
+
+    def keys(self):
+        return self.entries.keys()
+
+    def spec(self, name: str) -> TensorSpec:
+        dtype, shape, _ = self.entries[name]
+        return TensorSpec(shape, dtype)
+
+    def get(self, name: str) -> torch.Tensor:
+        dtype, shape, begin = self.entries[name]
+        out = torch.empty(shape, dtype=dtype)
+        buf = out.reshape(-1).view(torch.uint8).numpy() if out.numel() else bytearray()
+        self.f.seek(self.start + begin)
+        if out.numel() and self.f.readinto(memoryview(buf)) != buf.nbytes:
+            raise ValueError(f"{self.path}: {name!r} is truncated")
+        return out
+
+    def close(self) -> None:
+        self.f.close()
+
+
 class CheckpointReader:
     """A Hugging Face checkpoint directory read lazily: config, tensor specs, tensors on demand.
 
@@ -66,8 +124,6 @@ class CheckpointReader:
 
     def __init__(self, directory: str | os.PathLike, dtype: torch.dtype | None = None,
                  device: str | torch.device = "cpu") -> None:
-        from safetensors import safe_open
-
         self.directory = Path(directory)
         if not self.directory.is_dir():
             raise ValueError(f"SRC {str(directory)!r} is not a directory (expected a Hugging Face checkpoint)")
@@ -98,37 +154,32 @@ class CheckpointReader:
         except (ValueError, KeyError, OSError) as exc:
             raise ValueError(f"SRC config.json cannot be read by transformers: {exc}") from None
         self.dtype, self.device = dtype, torch.device(device)
-        self._stack = ExitStack()
-        self._handles = {}
+        self._handles: dict[str, SafetensorsFile] = {}
         self.file_of: dict[str, str] = {}
         self.specs: dict[str, TensorSpec] = {}
         try:
             for f in files:
-                h = self._stack.enter_context(safe_open(self.directory / f, framework="pt"))
-                self._handles[f] = h
+                h = self._handles[f] = SafetensorsFile(self.directory / f)
                 for name in h.keys():
-                    sl = h.get_slice(name)
-                    dt = SAFETENSORS_DTYPES.get(sl.get_dtype())
-                    if dt is None:
-                        raise ValueError(f"{name}: unsupported safetensors dtype {sl.get_dtype()}")
-                    if dtype is not None and dt.is_floating_point:
-                        dt = dtype
+                    spec = h.spec(name)
+                    if dtype is not None and spec.dtype.is_floating_point:
+                        spec = TensorSpec(spec.shape, dtype)
                     self.file_of[name] = f
-                    self.specs[name] = TensorSpec(tuple(sl.get_shape()), dt)
-        except Exception as exc:
+                    self.specs[name] = spec
+        except (ValueError, OSError) as exc:
             self.close()
-            if isinstance(exc, ValueError):
-                raise
-            raise ValueError(f"SRC safetensors files cannot be read: {type(exc).__name__}: {exc}") from None
+            raise ValueError(f"{str(directory)!r}: {exc}") from None
 
     def get(self, name: str) -> torch.Tensor:
-        t = self._handles[self.file_of[name]].get_tensor(name)
+        t = self._handles[self.file_of[name]].get(name)
         if self.dtype is not None and t.is_floating_point():
             t = t.to(self.dtype)
         return t.to(self.device)
 
     def close(self) -> None:
-        self._stack.close()
+        for h in self._handles.values():
+            h.close()
+        self._handles = {}
 
     def __enter__(self) -> "CheckpointReader":
         return self
@@ -399,6 +450,8 @@ def grow_checkpoint(
             if n > 1:
                 index = {"metadata": {"total_size": est.bytes_out}, "weight_map": weight_map}
                 (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2))
+            if dtype is not None:  # what from_pretrained(dtype="auto") will build
+                last.config.dtype = dtype
             last.config.save_pretrained(tmp)
             for name in COPIED:
                 if (Path(src) / name).is_file() and not (tmp / name).exists():
@@ -409,16 +462,7 @@ def grow_checkpoint(
                 last.config.architectures = [model_class]
                 last.config.save_pretrained(tmp)
             write_growth_files(tmp, last.adapter.name, model_class, [p.record for p in plans], report)
-            from growkit.models.io import _umask
-
-            os.chmod(tmp, 0o777 & ~_umask())
-            if dst.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".old", dir=dst.parent))
-                os.replace(dst, old / "d")
-                os.replace(tmp, dst)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, dst)
+            publish_directory(tmp, dst)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -38,4 +38,4 @@ def poison_empty(monkeypatch):
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: long-running test (run by CI; deselect with -m 'not slow')")
+    config.addinivalue_line("markers", "slow: long-running test (deselected by pytest.ini; CI runs it with -m slow)")

@@ -37,7 +37,7 @@ from torch import nn
 from growkit.growth.adapters import get_adapter
 from growkit.growth.roles import Role
 
-from .context import Comparison
+from .context import Comparison, check_model
 from .pairing import twin_axes, width_records_scale
 from .probe import ProbeRun, check_probe, make_probe, run_probe
 from .report import FAILED, PASSED, SKIPPED, CheckResult
@@ -100,7 +100,7 @@ def _measure(tensors: list[torch.Tensor], axes) -> tuple[list, list, list]:
 
 @torch.no_grad()
 def measure_twins(model: nn.Module, grads: dict[str, torch.Tensor | None] | None, scale: int,
-                  expert_twins: bool) -> list[dict]:
+                  expert_twins: bool, names: set[str] | None = None) -> list[dict]:
     """Relative twin divergence of weights (and gradients), batched by shape.
 
     Judged tensors get a row each (one slot per tensor: weights, then gradients, in one
@@ -113,6 +113,8 @@ def measure_twins(model: nn.Module, grads: dict[str, torch.Tensor | None] | None
         grads = adapter.split(model, grads)
     groups: dict[tuple, list] = defaultdict(list)
     for item in _items(model, scale, expert_twins):
+        if names is not None and item[0] not in names:
+            continue  # layerwise: only the tensors loaded now
         p = params[item[0]]
         groups[(tuple(p.shape), p.dtype, p.device, tuple(item[2]), item[3])].append(item)
     rows = []
@@ -127,7 +129,15 @@ def measure_twins(model: nn.Module, grads: dict[str, torch.Tensor | None] | None
         dims = items[0][1].rule.dims
         axis_names = [f"{dims[d]}/{g}" for d, g in axes]
         if judged:
-            mx, rel, mag = _measure(weights + grad_list, list(axes))
+            if names is None:
+                mx, rel, mag = _measure(weights + grad_list, list(axes))
+            else:
+                # layerwise: weights and gradients measured apart, so that the stacked copy
+                # of one large tensor (an LM head) is its size, not twice it
+                mx, rel, mag = _measure(weights, list(axes))
+                if grad_list:
+                    gx, grel, gmag = _measure(grad_list, list(axes))
+                    mx, rel, mag = mx + gx, rel + grel, mag + gmag
             for i, (name, pr, _, _) in enumerate(items):
                 row = dict(name=name, role=pr.role.value, layer=pr.layer, judged=True, axes=axis_names,
                            weight_rel_div=rel[i], weight_max_div=mx[i], weight_block0_mean_abs=mag[i])
@@ -136,8 +146,15 @@ def measure_twins(model: nn.Module, grads: dict[str, torch.Tensor | None] | None
                 rows.append(row)
         else:
             # One slot for all the weights, one for all the gradients: shift the axes by one.
-            parts = [torch.stack(weights)] + ([torch.stack(grad_list)] if grads is not None else [])
-            mx, rel, mag = _measure(parts, [(d + 1, g) for d, g in axes])
+            if n == 1 and names is not None:
+                # layerwise, one large tensor (an embedding): measured apart, no stacked copy
+                mx, rel, mag = _measure(weights, list(axes))
+                if grads is not None:
+                    gx, grel, gmag = _measure(grad_list, list(axes))
+                    mx, rel, mag = mx + gx, rel + grel, mag + gmag
+            else:
+                parts = [torch.stack(weights)] + ([torch.stack(grad_list)] if grads is not None else [])
+                mx, rel, mag = _measure(parts, [(d + 1, g) for d, g in axes])
             roles = sorted({pr.role.value for _, pr, _, _ in items})
             row = dict(name=f"{n} tensors {list(shape)}", role="+".join(roles), layer=None, judged=False,
                        axes=axis_names, weight_rel_div=rel[0], weight_max_div=mx[0], weight_block0_mean_abs=mag[0])
@@ -147,8 +164,10 @@ def measure_twins(model: nn.Module, grads: dict[str, torch.Tensor | None] | None
     return rows
 
 
-def symmetry_check(model: nn.Module, run: ProbeRun, scale: int, *, expert_twins: bool | None = None,
-                   min_divergence: float = DEFAULT_MIN_DIVERGENCE) -> CheckResult:
+def symmetry_check(model: nn.Module, run: ProbeRun | None, scale: int, *, expert_twins: bool | None = None,
+                   min_divergence: float = DEFAULT_MIN_DIVERGENCE, rows: list[dict] | None = None) -> CheckResult:
+    """The symmetry verdict from one backward pass (``run.grads``), or from ``rows`` that
+    :func:`measure_twins` measured already (layer by layer, ``verify.layerwise``)."""
     if isinstance(min_divergence, bool) or not isinstance(min_divergence, (int, float)) or not min_divergence >= 0:
         raise ValueError(f"min_divergence must be a number >= 0, got {min_divergence!r}")
     if expert_twins is None:
@@ -156,7 +175,8 @@ def symmetry_check(model: nn.Module, run: ProbeRun, scale: int, *, expert_twins:
     if scale <= 1 and not expert_twins:
         return CheckResult(NAME, TITLE, SKIPPED, "not widened (scale 1) and no upcycled experts: no clones",
                            min_divergence, RULE)
-    rows = measure_twins(model, run.grads, scale, expert_twins)
+    if rows is None:
+        rows = measure_twins(model, run.grads, scale, expert_twins)
     for r in rows:
         r["identical_weights"] = r["weight_rel_div"] <= min_divergence
         r["identical_grads"] = r.get("grad_rel_div", 0.0) <= min_divergence
@@ -283,6 +303,7 @@ def check_symmetry_breaking(
         scale_factor = width_records_scale(new_model) or 1
     if isinstance(scale_factor, bool) or not isinstance(scale_factor, int) or scale_factor < 1:
         raise ValueError(f"scale_factor must be a whole number >= 1, got {scale_factor!r}")
+    check_model(new_model, "new_model")
     if probe is None:
         probe = make_probe(new_model)
     probe = check_probe(probe, [new_model]).to(next(new_model.parameters()).device)
