@@ -333,6 +333,9 @@ def run(command: str, argv: Sequence[str]) -> int:
         print(f"growkit {command} needs the cli extra: pip install 'growkit[cli,hf]'", file=sys.stderr)
         return EXIT_BAD_INPUT
     cls, function = {"grow": (GrowArgs, grow), "verify": (VerifyArgs, verify)}[command]
+    from growkit.kernels.memory import stream_friendly_malloc
+
+    stream_friendly_malloc()  # one tensor or layer at a time: give freed memory back
     try:
         recipe, rest = _load_recipe(list(argv), cls)
         default = cls(**recipe) if recipe else None

@@ -1,6 +1,6 @@
 """`growkit grow` and `growkit verify --layerwise` on a checkpoint larger than they may hold.
 
-Generates a Llama-shaped float32 checkpoint on disk (default 0.5B parameters, 2 GB, in
+Generates a Llama-shaped float32 checkpoint on disk (default 0.5B parameters, 2.05 GB, in
 shards; written tensor by tensor, never whole in memory), then, each in its own process:
 
 * ``growkit grow SRC DST --width 2``: peak RSS against the bound
@@ -108,7 +108,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--intermediate", type=int, default=4096)
-    ap.add_argument("--layers", type=int, default=26)
+    ap.add_argument("--layers", type=int, default=29)
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--dir", default=None, help="work directory (default: a temporary one, removed)")

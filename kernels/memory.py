@@ -132,3 +132,25 @@ def check_memory(nbytes: int, device: torch.device | str, what: str) -> None:
             f"{what}: the result needs about {format_bytes(nbytes)} but only "
             f"{format_bytes(avail)} is available on {torch.device(device)}; use a smaller value "
             "(or free memory / use a larger machine)")
+
+
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+
+def stream_friendly_malloc(threshold: int = 1 << 20) -> bool:
+    """Fix glibc's mmap threshold, so that freed tensors go back to the OS at once.
+
+    NOTE: glibc raises its mmap threshold (up to 32 MiB) each time a mapped block is freed,
+    after which tensors below it come from the heap, where freed space stays resident and
+    fragments. Streaming growth and layerwise verification allocate and free a tensor or a
+    layer at a time: on a 12-layer checkpoint (0.25B parameters grown x2) the resident
+    memory after the two forward passes of ``verify --layerwise`` was 1.48 GB with the
+    dynamic threshold and 0.58 GB with a fixed 1 MiB one. Process-wide; for the command
+    line tools (``growkit grow``, ``growkit verify``). Returns whether it took effect.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        return bool(ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, int(threshold)))
+    except (OSError, AttributeError):  # not glibc
+        return False
