@@ -7,11 +7,13 @@ after an fsync. The ground floor of the package: it imports nothing from growkit
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 import tempfile
 from typing import Callable
 
-__all__ = ["atomic_write", "atomic_write_text"]
+__all__ = ["atomic_write", "atomic_write_text", "read_json"]
 
 
 def _umask() -> int:
@@ -57,3 +59,16 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
             f.write(text)
 
     atomic_write(path, write)
+
+
+def read_json(path: str | os.PathLike, max_bytes: int, what: str):
+    """Parse a JSON file no larger than ``max_bytes`` (a size read from disk is bounded by
+    what is really there); ValueError naming the file otherwise. ``what`` names the kind
+    of file the message says it is not."""
+    path = Path(path)
+    if path.stat().st_size > max_bytes:
+        raise ValueError(f"{path} is larger than {max_bytes} bytes: not {what}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from None

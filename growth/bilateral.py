@@ -6,7 +6,9 @@ from torch import nn
 
 from .adapters import get_adapter
 from .depth import check_depth_args, grow_depth
-from .width import check_noise, check_scale, check_seed, grow_width
+from growkit.kernels.noise import check_seed
+
+from .width import check_noise, check_scale, grow_width
 
 
 def scale_bilaterally(

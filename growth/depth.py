@@ -31,7 +31,7 @@ from torch import nn
 from growkit.kernels.memory import check_memory
 
 from .adapters import get_adapter
-from .plan import GrowthPlan, TensorPlan, TensorSpec, build_from_plan, source_specs
+from .plan import GrowthPlan, TensorPlan, TensorSpec, build_from_plan, copy_of, source_specs, zeros_like_source
 from .records import GrowthRecord, Source
 
 DEPTH_MODES = ("identity", "stack")
@@ -131,15 +131,9 @@ def plan_depth(adapter, config, specs: dict[str, TensorSpec], tied: bool, extra_
     by_layer: dict[int, list[str]] = {}
     tensors = {}
 
-    def copy(name):
-        return lambda get: get(name).clone()
-
-    def zeros(name):
-        return lambda get: torch.zeros_like(get(name))
-
     for name, pr in roles.items():
         if pr.layer is None:
-            tensors[name] = TensorPlan(specs[name], Source("copy", pr.role, name), copy(name), (name,))
+            tensors[name] = TensorPlan(specs[name], Source("copy", pr.role, name), copy_of(name), (name,))
         else:
             by_layer.setdefault(pr.layer, []).append(name)
     for new_layer, (src_layer, kind) in enumerate(plan):
@@ -147,10 +141,10 @@ def plan_depth(adapter, config, specs: dict[str, TensorSpec], tied: bool, extra_
             pr = roles[name]
             new_name = adapter.rename_layer(name, new_layer)
             if kind == "identity" and pr.rule.writes_residual:
-                tensors[new_name] = TensorPlan(specs[name], Source("zero", pr.role, name), zeros(name), (name,))
+                tensors[new_name] = TensorPlan(specs[name], Source("zero", pr.role, name), zeros_like_source(name), (name,))
             else:
                 kind_name = "identity_copy" if kind == "identity" else "copy"
-                tensors[new_name] = TensorPlan(specs[name], Source(kind_name, pr.role, name), copy(name), (name,))
+                tensors[new_name] = TensorPlan(specs[name], Source(kind_name, pr.role, name), copy_of(name), (name,))
     preserving = mode == "identity" or extra_layers == 0
     record = GrowthRecord(
         "depth",

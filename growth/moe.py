@@ -29,7 +29,7 @@ from growkit.kernels.memory import check_memory
 
 from .adapters import ADAPTERS, get_adapter
 from .families import FAMILIES
-from .plan import GrowthPlan, TensorPlan, TensorSpec, build_from_plan, source_specs
+from .plan import GrowthPlan, TensorPlan, TensorSpec, build_from_plan, copy_of, source_specs, zeros_like_source
 from .records import GrowthRecord, Source
 from .width import derive_seed
 from .roles import ROLE_RULES, Role
@@ -174,7 +174,7 @@ def plan_moe(adapter, target, config, specs: dict[str, TensorSpec], tied: bool, 
                     f"{name} ({pr.role.value}) has no counterpart in {target.name}: the {adapter.name} "
                     f"model uses a feature its MoE sibling lacks (e.g. attention or MLP biases)"
                 )
-            tensors[name] = TensorPlan(specs[name], Source("copy", pr.role, name), _copy(name), (name,))
+            tensors[name] = TensorPlan(specs[name], Source("copy", pr.role, name), copy_of(name), (name,))
             continue
         if not target.has_role(expert_role):
             raise ValueError(
@@ -189,7 +189,7 @@ def plan_moe(adapter, target, config, specs: dict[str, TensorSpec], tied: bool, 
             shared_name = target.tensor_name(SHARED[pr.role], pr.layer)
             writes = ROLE_RULES[SHARED[pr.role]].writes_residual
             tensors[shared_name] = TensorPlan(specs[name], Source("zero" if writes else "copy", SHARED[pr.role], name),
-                                              _zeros(name) if writes else _copy(name), (name,))
+                                              zeros_like_source(name) if writes else copy_of(name), (name,))
     for name, pr in roles.items():
         if pr.role is not Role.MLP_GATE:
             continue
@@ -211,14 +211,6 @@ def plan_moe(adapter, target, config, specs: dict[str, TensorSpec], tied: bool, 
     )
     new_config = moe_config(adapter, target, config, n_experts, top_k, norm_topk_prob)
     return GrowthPlan(target, new_config, tensors, record, tied)
-
-
-def _copy(name):
-    return lambda get: get(name).clone()
-
-
-def _zeros(name):
-    return lambda get: torch.zeros_like(get(name))
 
 
 def _experts(name, n_experts, noise_std, seed):

@@ -79,6 +79,16 @@ class GrowthPlan:
         return {name: self.make(name, get) for name in self.tensors}
 
 
+def copy_of(name: str) -> Callable[[Getter], torch.Tensor]:
+    """A maker: a copy of source tensor ``name`` (sharing no storage with it)."""
+    return lambda get: get(name).clone()
+
+
+def zeros_like_source(name: str) -> Callable[[Getter], torch.Tensor]:
+    """A maker: zeros shaped like source tensor ``name`` (its device and dtype)."""
+    return lambda get: torch.zeros_like(get(name))
+
+
 def chain(first_get: Getter, plans: list[GrowthPlan]) -> Getter:
     """The getter of ``plans[-1]``'s inputs: ``first_get`` reads the original source
     tensors, and every earlier plan's outputs are made from it on demand (nothing kept)."""

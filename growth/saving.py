@@ -24,7 +24,7 @@ from pathlib import Path
 
 from torch import nn
 
-from growkit.files import _umask, atomic_write_text
+from growkit.files import _umask, atomic_write_text, read_json
 
 from .adapters import get_adapter
 from .records import GrowthRecord, attach_records
@@ -95,7 +95,7 @@ def write_growth_files(directory: Path, family: str, model_class: str, records: 
 def update_report(directory: str | os.PathLike, report) -> None:
     """Store a check report in a saved checkpoint's ``growth.json`` and model card."""
     data = read_growth_file(directory)
-    records = [GrowthRecord.from_dict(r) for r in data["records"]]
+    records = _records(data)
     write_growth_files(Path(directory), data["family"], data.get("model_class", "?"), records, report)
 
 
@@ -164,12 +164,7 @@ def read_growth_file(directory: str | os.PathLike) -> dict:
     path = Path(directory) / GROWTH_FILE
     if not path.is_file():
         raise ValueError(f"{str(directory)!r} has no {GROWTH_FILE}: it was not saved by growkit.growth.save_grown")
-    if path.stat().st_size > MAX_GROWTH_FILE_BYTES:
-        raise ValueError(f"{path} is larger than {MAX_GROWTH_FILE_BYTES} bytes: not a growth file")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path} is not valid JSON: {exc}") from None
+    data = read_json(path, MAX_GROWTH_FILE_BYTES, "a growth file")
     if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("records"), list):
         raise ValueError(f"{path} is not a {FORMAT} file")
     return data
@@ -177,7 +172,11 @@ def read_growth_file(directory: str | os.PathLike) -> dict:
 
 def load_growth_records(directory: str | os.PathLike) -> list[GrowthRecord]:
     """The growth records saved with a checkpoint."""
-    return [GrowthRecord.from_dict(r) for r in read_growth_file(directory)["records"]]
+    return _records(read_growth_file(directory))
+
+
+def _records(data: dict) -> list[GrowthRecord]:
+    return [GrowthRecord.from_dict(r) for r in data["records"]]
 
 
 def load_grown(directory: str | os.PathLike, **load_kwargs) -> nn.Module:
@@ -187,7 +186,7 @@ def load_grown(directory: str | os.PathLike, **load_kwargs) -> nn.Module:
     to ``growkit.models.load_model`` for the reference model.
     """
     data = read_growth_file(directory)
-    records = [GrowthRecord.from_dict(r) for r in data["records"]]
+    records = _records(data)
     if data.get("family") == "growkit-reference":
         from growkit.models import load_model
 

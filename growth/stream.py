@@ -32,6 +32,8 @@ import torch
 
 from .adapters import PART, get_family_adapter
 from .plan import GrowthPlan, TensorSpec, chain
+from growkit.files import read_json
+
 from .saving import publish_directory, write_growth_files
 
 SAFETENSORS_DTYPES = {
@@ -46,15 +48,6 @@ COPIED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", 
           "generation_config.json", "merges.txt", "vocab.json", "vocab.txt", "tokenizer.model",
           "chat_template.json", "chat_template.jinja")
 MAX_JSON_BYTES = 64 * 2**20
-
-
-def _read_json(path: Path) -> dict:
-    if path.stat().st_size > MAX_JSON_BYTES:
-        raise ValueError(f"{path} is larger than {MAX_JSON_BYTES} bytes: not a checkpoint index")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path} is not valid JSON: {exc}") from None
 
 
 class SafetensorsFile:
@@ -131,7 +124,7 @@ class CheckpointReader:
             raise ValueError(f"SRC {str(directory)!r} has no config.json: not a Hugging Face checkpoint")
         index = self.directory / INDEX_NAME
         if index.is_file():
-            weight_map = _read_json(index).get("weight_map")
+            weight_map = read_json(index, MAX_JSON_BYTES, "a checkpoint index").get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
                 raise ValueError(f"{index} has no weight_map")
             files = sorted(set(weight_map.values()))
@@ -169,6 +162,17 @@ class CheckpointReader:
         except (ValueError, OSError) as exc:
             self.close()
             raise ValueError(f"{str(directory)!r}: {exc}") from None
+
+    def held_spec(self, items: list[tuple[int | None, str]]) -> TensorSpec:
+        """The spec of a held tensor made of checkpoint tensors ``items`` (``FamilyAdapter.from_disk``)."""
+        first = self.specs[items[0][1]]
+        return first if items[0][0] is None else TensorSpec((len(items), *first.shape), first.dtype)
+
+    def load_held(self, items: list[tuple[int | None, str]]) -> torch.Tensor:
+        """A held tensor: one checkpoint tensor, or the per-expert ones stacked in order."""
+        if items[0][0] is None:
+            return self.get(items[0][1])
+        return torch.stack([self.get(disk) for _, disk in items])
 
     def get(self, name: str) -> torch.Tensor:
         t = self._handles[self.file_of[name]].get(name)
@@ -404,9 +408,8 @@ def grow_checkpoint(
         index = adapter.from_disk(reader.specs)  # held names -> the checkpoint tensors they are made of
         metas = {}
         for held, items in index.items():
-            first = reader.specs[items[0][1]]
-            shape = first.shape if items[0][0] is None else (len(items), *first.shape)
-            metas[held] = torch.empty(shape, dtype=first.dtype, device="meta")
+            spec = reader.held_spec(items)
+            metas[held] = torch.empty(spec.shape, dtype=spec.dtype, device="meta")
         specs = {n: TensorSpec(tuple(t.shape), t.dtype) for n, t in adapter.split(reader.config, metas).items()}
         plans = make_plans(adapter, reader.config, specs, tied)
         outputs = output_tensors(plans[-1])
@@ -414,17 +417,11 @@ def grow_checkpoint(
         if dry_run:
             return plans, outputs, est, 0.0
 
-        def load(held: str) -> torch.Tensor:
-            items = index[held]
-            if items[0][0] is None:
-                return reader.get(items[0][1])
-            return torch.stack([reader.get(disk) for _, disk in items])
-
         def get(name: str) -> torch.Tensor:
             if name in index:
-                return load(name)
+                return reader.load_held(index[name])
             real = PART.match(name).group(1)  # a part of a fused tensor held whole
-            return adapter.split(reader.config, {real: load(real)})[name]
+            return adapter.split(reader.config, {real: reader.load_held(index[real])})[name]
 
         last = plans[-1]
         getter = chain(get, plans)

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from growkit.kernels.memory import check_memory
+from growkit.kernels.noise import check_seed
 
 from .adapters import get_adapter
 from .plan import GrowthPlan, TensorPlan, TensorSpec, build_from_plan, source_specs
@@ -54,13 +55,6 @@ def check_noise(noise_std, noise) -> float:
     if noise not in ("zero_sum", "independent"):
         raise ValueError(f"noise must be 'zero_sum' or 'independent', got {noise!r}")
     return float(noise_std)
-
-
-def check_seed(seed) -> int:
-    """A whole number in [0, 2**64); ValueError quoting the value given otherwise."""
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
-        raise ValueError(f"seed must be a whole number in [0, 2**64), got {seed!r}")
-    return seed
 
 
 def derive_seed(seed: int, name: str) -> int:

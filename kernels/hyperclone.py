@@ -39,7 +39,7 @@ import torch
 
 from .backend import HAS_TRITON, use_triton
 from .memory import check_memory, empty_cpu
-from .noise import noise_divisor, seed_keys, uniform_bytes_grid_np, uniform_int_torch, weyl_pattern
+from .noise import check_seed, noise_divisor, seed_keys, uniform_bytes_grid_np, uniform_int_torch, weyl_pattern
 
 NOISE_MODES = ("zero_sum", "independent")
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -81,8 +81,7 @@ def _check_args(weight, out_repeat, in_repeat, noise_std, noise, seed):
         raise TypeError(f"noise_std must be a float >= 0, got {noise_std!r}")
     if not math.isfinite(noise_std) or noise_std < 0:
         raise ValueError(f"noise_std must be a finite float >= 0, got {noise_std}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
-        raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
+    check_seed(seed)
     # The output's size, against the free memory, before anything is allocated.
     check_memory(weight.numel() * out_repeat * in_repeat * weight.element_size(), weight.device,
                  f"out_repeat={out_repeat}, in_repeat={in_repeat} (weight {list(weight.shape)})")

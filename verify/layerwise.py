@@ -70,12 +70,7 @@ class OffloadedModel:
 
     # ------------------------------------------------------------------ loading
     def _load(self, names: list[str]) -> dict[str, torch.Tensor]:
-        state = {}
-        for name in names:
-            items = self.index[name]
-            state[name] = (self.reader.get(items[0][1]) if items[0][0] is None
-                           else torch.stack([self.reader.get(d) for _, d in items]))
-        return self.adapter.fuse(state)
+        return self.adapter.fuse({name: self.reader.load_held(self.index[name]) for name in names})
 
     def _real_buffers(self, config, dtype) -> dict[str, torch.Tensor]:
         """The non-persistent buffers (RoPE frequencies, embedding scales) of this config, from
@@ -343,7 +338,6 @@ def run_growth_checks_layerwise(src, dst, probe: torch.Tensor, records=None, *, 
             raise ValueError("layerwise verification of a deeper model needs DST's growth.json (growkit grow writes it)")
         probe = probe.to(device)
         ctx = Comparison(old.model, new.model, probe, scale_factor=scale_factor, tolerance=tolerance)
-        ctx.probe = probe  # the models' first parameter (an unloaded embedding) is on meta
         ctx.old_run()
         ctx._new_run = None
         ctx.new_run(backward=False)
@@ -357,13 +351,7 @@ def run_growth_checks_layerwise(src, dst, probe: torch.Tensor, records=None, *, 
         else:
             checks.append(layerwise_symmetry(new, probe, scale, expert_twins, min_divergence))
         checks.append(identity_check(ctx))
-        # the sanity check places the probe on the model's first parameter: the embedding
-        new.keep_embeddings = True
-        new.load_embedding(new.model.get_input_embeddings())
         checks.append(quick_sanity_check(new.model, probe))
-        new.keep_embeddings = False
-        for module in new.embeddings:
-            new.unload_embedding(module)
         seconds = {"total": time.perf_counter() - t0}
         meta = _meta(ctx, torch.device(device), seconds)
         meta["mode"] = "layerwise (one layer of each model in memory at a time)"

@@ -26,6 +26,7 @@ from torch import nn
 from .context import check_model
 from .probe import check_probe, make_probe, run_probe, vocab_size
 from .report import FAILED, PASSED, CheckResult
+from .state import model_device
 from .stats import abs_stats, diff_stats, relative
 
 NAME, TITLE = "sanity", "Quick sanity check"
@@ -58,7 +59,7 @@ def quick_sanity_check(
     check_model(model)
     if probe is None:
         probe = make_probe(model)
-    probe = check_probe(probe, [model]).to(next(model.parameters()).device)
+    probe = check_probe(probe, [model]).to(model_device(model))
     run = run_probe(model, probe, attention=False, routers=False)
     hidden = torch.stack(run.hidden)  # [L+1, B, T, d]
     hmax, hmean = abs_stats(hidden)

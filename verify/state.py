@@ -54,12 +54,14 @@ class ModelGuard:
 
 
 def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter (or buffer); CPU for an empty model."""
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
+    """The device of the model's first parameter (or buffer) that is not on meta: a model
+    whose layers are loaded while they run (``verify.layerwise``) computes there. Meta for
+    a model wholly on meta; CPU for an empty model."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    for t in tensors:
+        if not t.is_meta:
+            return t.device
+    return tensors[0].device if tensors else torch.device("cpu")
 
 
 def _devices(model: nn.Module) -> set[torch.device]:

@@ -41,6 +41,7 @@ from .context import Comparison, check_model
 from .pairing import twin_axes, width_records_scale
 from .probe import ProbeRun, check_probe, make_probe, run_probe
 from .report import FAILED, PASSED, SKIPPED, CheckResult
+from .state import model_device
 from .stats import abs_stats, relative, twin_layout, twin_stats
 
 NAME, TITLE = "symmetry_breaking", "Symmetry breaking"
@@ -306,7 +307,7 @@ def check_symmetry_breaking(
     check_model(new_model, "new_model")
     if probe is None:
         probe = make_probe(new_model)
-    probe = check_probe(probe, [new_model]).to(next(new_model.parameters()).device)
+    probe = check_probe(probe, [new_model]).to(model_device(new_model))
     run = run_probe(new_model, probe, attention=False, routers=False, backward=True)
     return symmetry_check(new_model, run, scale_factor, expert_twins=expert_twins, min_divergence=min_divergence)
 
