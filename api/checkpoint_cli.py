@@ -100,11 +100,10 @@ def grow(args: GrowArgs) -> int:
     from growkit.growth.moe import _check as check_moe_args
     from growkit.growth.moe import plan_moe, target_adapter
     from growkit.growth.stream import grow_checkpoint
-    from growkit.growth.width import check_noise, check_scale, plan_width
+    from growkit.growth.width import check_width_args, plan_width
 
-    if width != 1:
-        check_scale(width, "width")
-    noise_std = check_noise(noise_std, noise)
+    # width 1 means "no width growth"; the noise settings are checked all the same
+    _, noise_std, seed = check_width_args(width if width != 1 else 2, noise_std, noise, seed, scale_name="width")
     if moe:
         check_moe_args(moe, top_k, router_std, 0.0, seed, True)
     if width == 1 and depth == 0 and not moe:

@@ -5,10 +5,8 @@ from __future__ import annotations
 from torch import nn
 
 from .adapters import get_adapter
-from .depth import check_depth_args, grow_depth
-from growkit.kernels.noise import check_seed
-
-from .width import check_noise, check_scale, grow_width
+from .depth import check_depth_args, deepen
+from .width import check_width_args, widen
 
 
 def scale_bilaterally(
@@ -41,14 +39,12 @@ def scale_bilaterally(
         The grown model; ``growth_records`` holds the width record, then the depth record.
     """
     # Every argument is checked before the first (large) allocation.
-    check_scale(scale_factor)
-    check_noise(noise_std, noise)
-    check_seed(seed)
+    scale, noise_std, seed = check_width_args(scale_factor, noise_std, noise, seed)
     # Width growth keeps the layer count, so the depth arguments are checked against the source.
     n_layers = get_adapter(model, "bilateral growth").n_layers(model)
-    check_depth_args(extra_layers, depth_mode, positions, n_layers, mode_name="depth_mode")
-    wide = grow_width(model, scale_factor, noise_std=noise_std, noise=noise, seed=seed)
+    positions = check_depth_args(extra_layers, depth_mode, positions, n_layers, mode_name="depth_mode")
+    wide = widen(model, scale, noise_std, noise, seed)
     width_records = wide.growth_records
-    grown = grow_depth(wide, extra_layers, mode=depth_mode, positions=positions)
+    grown = deepen(wide, int(extra_layers), depth_mode, positions)
     grown.growth_records = width_records + grown.growth_records
     return grown

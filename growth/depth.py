@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from growkit.kernels.memory import check_memory
+from growkit.validate import choice, whole_number
 
 from .adapters import get_adapter
 from .plan import GrowthPlan, TensorPlan, TensorSpec, build_from_plan, copy_of, source_specs, zeros_like_source
@@ -52,25 +53,20 @@ def default_positions(n_layers: int, extra_layers: int) -> list[int]:
 
 def check_depth_args(extra_layers, mode, positions, n_layers, *, mode_name: str = "mode") -> list[int] | None:
     """Validate depth-growth arguments (ValueError naming the argument); sorted positions."""
-    if isinstance(extra_layers, bool) or not isinstance(extra_layers, int) or extra_layers < 0:
-        raise ValueError(f"extra_layers must be a whole number >= 0, got {extra_layers!r}")
-    if mode not in DEPTH_MODES:
-        raise ValueError(f"{mode_name} must be one of {DEPTH_MODES}, got {mode!r}")
+    extra_layers = whole_number(extra_layers, "extra_layers", min=0)
+    choice(mode, mode_name, DEPTH_MODES)
     if positions is None:
         return None
+    if isinstance(positions, (str, bytes)) or not hasattr(positions, "__iter__"):
+        raise TypeError(f"positions must be a list of source-layer indices, got {positions!r}")
     positions = list(positions)
     if len(positions) != extra_layers:
         raise ValueError(
             f"positions must name one source layer per new layer: got {len(positions)} positions "
             f"for extra_layers={extra_layers}"
         )
-    for p in positions:
-        if isinstance(p, bool) or not isinstance(p, int) or not 0 <= p < n_layers:
-            raise ValueError(
-                f"positions must be source-layer indices in [0, {n_layers - 1}] (layers are "
-                f"numbered from 0; a new layer goes after the named one), got {p!r}"
-            )
-    return sorted(positions)
+    hint = "layers are numbered from 0; a new layer goes after the named one"
+    return sorted(whole_number(p, "positions[i]", min=0, max=n_layers - 1, hint=hint) for p in positions)
 
 
 def check_depth_memory(adapter, specs: dict[str, TensorSpec], extra_layers: int, device) -> None:
@@ -181,8 +177,13 @@ def grow_depth(
         layer, its source layer and kind.
     """
     adapter = get_adapter(model, "depth growth")
-    n_layers = adapter.n_layers(model)
-    positions = check_depth_args(extra_layers, mode, positions, n_layers)
+    positions = check_depth_args(extra_layers, mode, positions, adapter.n_layers(model))
+    return deepen(model, int(extra_layers), mode, positions)
+
+
+def deepen(model: nn.Module, extra_layers: int, mode: str, positions: list[int] | None) -> nn.Module:
+    """:func:`grow_depth` on arguments already checked (``check_depth_args``)."""
+    adapter = get_adapter(model, "depth growth")
     specs, state, tied = source_specs(adapter, model)
     check_depth_memory(adapter, specs, extra_layers, next(iter(state.values())).device)
     plan = plan_depth(adapter, model.config, specs, tied, extra_layers, mode, positions)

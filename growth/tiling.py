@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from growkit.kernels import hyperclone
+from growkit.kernels.hyperclone import SUPPORTED_DTYPES
+from growkit.kernels.hyperclone import hyperclone_prevalidated as hyperclone
 
 from .roles import ROLE_RULES, Role
 
@@ -24,12 +25,16 @@ def tile_for_role(
     noise: str = "zero_sum",
     seed: int = 0,
 ) -> torch.Tensor:
-    """Grow one tensor of ``role`` by ``scale`` through the fused ``hyperclone`` kernel."""
+    """Grow one tensor of ``role`` by ``scale`` through the fused ``hyperclone`` kernel (the
+    arguments were checked where they entered the public API)."""
     rule = ROLE_RULES[role]
     if tensor.dim() != len(rule.dims):
         raise ValueError(
             f"a {role.value} tensor has dims {rule.dims}, but this one has shape {tuple(tensor.shape)}"
         )
+    if tensor.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"a {role.value} tensor is {tensor.dtype}: width growth takes float32, float16 or "
+                        "bfloat16 models (convert with model.float())")
     reps = rule.repeats(scale)
     divide = divide and rule.input_dim is not None
     if not rule.noise or not divide:

@@ -26,7 +26,9 @@ import torch
 from torch import nn
 
 from growkit.kernels.memory import check_memory
-from growkit.kernels.noise import check_seed
+from growkit.kernels.hyperclone import NOISE_MODES
+from growkit.validate import choice, real_number, whole_number
+from growkit.validate import seed as check_seed
 
 from .adapters import get_adapter
 from .plan import GrowthPlan, TensorPlan, TensorSpec, build_from_plan, source_specs
@@ -35,26 +37,12 @@ from .roles import ROLE_RULES, Role
 from .tiling import tile_for_role
 
 
-def check_scale(scale_factor, name: str = "scale_factor") -> int:
-    """A whole number >= 2, as int; ValueError naming ``name`` otherwise."""
-    if isinstance(scale_factor, bool) or not isinstance(scale_factor, (int, float)):
-        raise ValueError(f"{name} must be a whole number >= 2, got {scale_factor!r}")
-    if isinstance(scale_factor, float) and not (math.isfinite(scale_factor) and scale_factor.is_integer()):
-        raise ValueError(
-            f"{name} must be a whole number >= 2, got {scale_factor}: HyperCloning tiles whole "
-            "copies (use 2, 3, 4, ...)"
-        )
-    if scale_factor < 2:
-        raise ValueError(f"{name} must be a whole number >= 2, got {scale_factor}")
-    return int(scale_factor)
-
-
-def check_noise(noise_std, noise) -> float:
-    if isinstance(noise_std, bool) or not isinstance(noise_std, (int, float)) or not math.isfinite(noise_std) or noise_std < 0:
-        raise ValueError(f"noise_std must be a finite float >= 0, got {noise_std!r}")
-    if noise not in ("zero_sum", "independent"):
-        raise ValueError(f"noise must be 'zero_sum' or 'independent', got {noise!r}")
-    return float(noise_std)
+def check_width_args(scale_factor, noise_std, noise, seed, *, scale_name: str = "scale_factor") -> tuple[int, float, int]:
+    """The width-growth arguments checked once (growkit.validate): (scale, noise_std, seed)."""
+    scale = whole_number(scale_factor, scale_name, min=2, hint="HyperCloning tiles whole copies: 2, 3, 4, ...")
+    noise_std = real_number(noise_std, "noise_std", min=0)
+    choice(noise, "noise", NOISE_MODES)
+    return scale, noise_std, check_seed(seed)
 
 
 def derive_seed(seed: int, name: str) -> int:
@@ -82,8 +70,7 @@ def hyperclone_weight(
     Example:
         ``hyperclone_weight(W, 2, "q_proj")`` for W [H*hd, d] gives [2*H*hd, 2*d] of blocks W/2.
     """
-    scale = check_scale(scale_factor)
-    noise_std = check_noise(noise_std, noise)
+    scale, noise_std, seed = check_width_args(scale_factor, noise_std, noise, seed)
     try:
         role = Role(role)
     except ValueError:
@@ -210,9 +197,12 @@ def grow_width(
         The grown model (same class), on the source's device and dtype, in its train/eval
         mode, with ``growth_records`` describing where each parameter came from.
     """
-    scale = check_scale(scale_factor)
-    noise_std = check_noise(noise_std, noise)
-    check_seed(seed)
+    scale, noise_std, seed = check_width_args(scale_factor, noise_std, noise, seed)
+    return widen(model, scale, noise_std, noise, seed)
+
+
+def widen(model: nn.Module, scale: int, noise_std: float, noise: str, seed: int) -> nn.Module:
+    """:func:`grow_width` on arguments already checked (``check_width_args``)."""
     adapter = get_adapter(model, "width growth")
     specs, state, tied = source_specs(adapter, model)
     plan = plan_width(adapter, model.config, specs, tied, scale, noise_std=noise_std, noise=noise, seed=seed)

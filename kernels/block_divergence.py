@@ -17,6 +17,8 @@ from typing import NamedTuple
 
 import torch
 
+from growkit.validate import whole_number
+
 from .backend import HAS_TRITON, use_triton
 from .paired_diff import nan_as_inf
 
@@ -37,10 +39,8 @@ def _check(x, groups, dim) -> tuple[torch.Tensor, int, int]:
         raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
     if x.dim() == 0:
         raise ValueError("x must have at least one dim to split into groups")
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
-        raise ValueError(f"groups must be a whole number >= 1, got {groups!r}")
-    if isinstance(dim, bool) or not isinstance(dim, int) or not -x.dim() <= dim < x.dim():
-        raise ValueError(f"dim must be an int in [{-x.dim()}, {x.dim()}), got {dim!r}")
+    groups = whole_number(groups, "groups", min=1, hint="the number of clones")
+    dim = whole_number(dim, "dim", min=-x.dim(), max=x.dim() - 1)
     dim = dim % x.dim()
     if x.shape[dim] % groups != 0:
         raise ValueError(

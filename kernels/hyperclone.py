@@ -29,7 +29,6 @@ are not divided). 3-D tensors [E, O, I] (stacked experts) are cloned expert by e
 
 from __future__ import annotations
 
-import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -39,7 +38,10 @@ import torch
 
 from .backend import HAS_TRITON, use_triton
 from .memory import check_memory, empty_cpu
-from .noise import check_seed, noise_divisor, seed_keys, uniform_bytes_grid_np, uniform_int_torch, weyl_pattern
+from growkit.validate import choice, real_number, whole_number
+from growkit.validate import seed as check_seed
+
+from .noise import noise_divisor, seed_keys, uniform_bytes_grid_np, uniform_int_torch, weyl_pattern
 
 NOISE_MODES = ("zero_sum", "independent")
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -48,17 +50,6 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # --------------------------------------------------------------------------------------
 # Argument checking (before any allocation)
 # --------------------------------------------------------------------------------------
-def _check_repeat(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int,)) and not (
-        isinstance(value, float) and value.is_integer()
-    ):
-        raise TypeError(f"{name} must be a whole number >= 1, got {value!r}")
-    value = int(value)
-    if value < 1:
-        raise ValueError(f"{name} must be a whole number >= 1, got {value}")
-    return value
-
-
 def _check_args(weight, out_repeat, in_repeat, noise_std, noise, seed):
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
@@ -68,24 +59,20 @@ def _check_args(weight, out_repeat, in_repeat, noise_std, noise, seed):
         )
     if weight.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"weight dtype must be float32, float16 or bfloat16, got {weight.dtype}")
-    out_repeat = _check_repeat("out_repeat", out_repeat)
-    in_repeat = _check_repeat("in_repeat", in_repeat)
+    out_repeat = whole_number(out_repeat, "out_repeat", min=1)
+    in_repeat = whole_number(in_repeat, "in_repeat", min=1)
     if weight.dim() == 1 and in_repeat != 1:
         raise ValueError(
             "in_repeat must be 1 for a 1-D weight (biases and norm gains are tiled with "
             f"out_repeat, never divided); got in_repeat={in_repeat}"
         )
-    if noise not in NOISE_MODES:
-        raise ValueError(f"noise must be one of {NOISE_MODES}, got {noise!r}")
-    if isinstance(noise_std, bool) or not isinstance(noise_std, (int, float)):
-        raise TypeError(f"noise_std must be a float >= 0, got {noise_std!r}")
-    if not math.isfinite(noise_std) or noise_std < 0:
-        raise ValueError(f"noise_std must be a finite float >= 0, got {noise_std}")
-    check_seed(seed)
+    choice(noise, "noise", NOISE_MODES)
+    noise_std = real_number(noise_std, "noise_std", min=0)
+    seed = check_seed(seed)
     # The output's size, against the free memory, before anything is allocated.
     check_memory(weight.numel() * out_repeat * in_repeat * weight.element_size(), weight.device,
                  f"out_repeat={out_repeat}, in_repeat={in_repeat} (weight {list(weight.shape)})")
-    return out_repeat, in_repeat
+    return out_repeat, in_repeat, noise_std, seed
 
 
 def _as_3d(weight: torch.Tensor) -> torch.Tensor:
@@ -153,7 +140,13 @@ def naive_hyperclone(
     Works on [E, r_o, O, r_i, I] views of the output, a chunk of source rows at a time, so
     the int64 index and hash temporaries stay bounded for any weight size.
     """
-    out_repeat, in_repeat = _check_args(weight, out_repeat, in_repeat, noise_std, noise, seed)
+    out_repeat, in_repeat, noise_std, seed = _check_args(weight, out_repeat, in_repeat, noise_std, noise, seed)
+    return _naive_hyperclone(weight, out_repeat, in_repeat, noise_std=noise_std, noise=noise, seed=seed,
+                             divide=divide, rows_per_chunk=rows_per_chunk)
+
+
+def _naive_hyperclone(weight, out_repeat: int, in_repeat: int, *, noise_std: float, noise: str, seed: int,
+                      divide: bool, rows_per_chunk: int | None = None) -> torch.Tensor:
     w3 = _as_3d(weight)
     E, O, I = w3.shape
     out = _empty(_out_shape(weight, out_repeat, in_repeat), weight.dtype, weight.device)
@@ -246,7 +239,7 @@ def _hyperclone_cpu(
     """
     has_noise, zero_sum, noise_div = _noise_plan(noise_std, noise, in_repeat)
     if not has_noise:
-        return naive_hyperclone(weight, out_repeat, in_repeat, divide=divide)
+        return _naive_hyperclone(weight, out_repeat, in_repeat, noise_std=0.0, noise=noise, seed=seed, divide=divide)
     w3 = _as_3d(weight)
     E, O, I = w3.shape
     out = empty_cpu(_out_shape(weight, out_repeat, in_repeat), weight.dtype)
@@ -479,10 +472,19 @@ def hyperclone(
         [r_o*O], [r_o*O, r_i*I] or [E, r_o*O, r_i*I], contiguous, in ``weight``'s dtype; a
         new tensor outside autograd (an ``nn.Parameter`` may be passed).
     """
-    out_repeat, in_repeat = _check_args(weight, out_repeat, in_repeat, noise_std, noise, seed)
+    out_repeat, in_repeat, noise_std, seed = _check_args(weight, out_repeat, in_repeat, noise_std, noise, seed)
+    return hyperclone_prevalidated(weight, out_repeat, in_repeat, noise_std=noise_std, noise=noise, seed=seed,
+                                   divide=divide, backend=backend)
+
+
+def hyperclone_prevalidated(weight: torch.Tensor, out_repeat: int, in_repeat: int, *, noise_std: float = 0.0,
+                            noise: str = "zero_sum", seed: int = 0, divide: bool = True,
+                            backend: str | None = None) -> torch.Tensor:
+    """:func:`hyperclone` without its argument checks, for callers that checked them once
+    where they entered the public API (the growth operators, ``growkit grow``)."""
     kwargs = dict(noise_std=float(noise_std), noise=noise, seed=seed, divide=divide)
     if use_triton(weight.device, backend):
         return _hyperclone_triton(weight, out_repeat, in_repeat, **kwargs)
     if weight.device.type == "cpu":
         return _hyperclone_cpu(weight, out_repeat, in_repeat, **kwargs)
-    return naive_hyperclone(weight, out_repeat, in_repeat, **kwargs)
+    return _naive_hyperclone(weight, out_repeat, in_repeat, **kwargs)

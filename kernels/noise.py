@@ -43,13 +43,6 @@ import torch
 
 from .backend import HAS_TRITON
 
-
-def check_seed(seed) -> int:
-    """A noise seed: a whole number in [0, 2**64); ValueError quoting the value given otherwise."""
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
-        raise ValueError(f"seed must be a whole number in [0, 2**64), got {seed!r}")
-    return seed
-
 MASK32 = 0xFFFFFFFF
 WEYL = 0x9E3779B9
 STD_C = math.sqrt((256**2 - 1) / 3.0)

@@ -225,7 +225,7 @@ def test_moe_upcycle_passes(dense, probe, capsys):
 
 def test_stack_growth_is_skipped_by_design(dense, probe):
     stacked = grow_depth(dense, 2, mode="stack")
-    ident = check_functional_identity_layerwise(dense, stacked, probe, 1)
+    ident = check_functional_identity_layerwise(dense, stacked, probe, scale_factor=1)
     report = GrowthReport("stack", [ident])
     assert report.passed
     assert ident.status == SKIPPED and "by design" in ident.summary
@@ -275,7 +275,7 @@ def test_router_check_catches_undivided_router(moe, moe_width, probe):
     with torch.no_grad():
         for layer in grown.moe_layers():
             layer.router.weight.mul_(2)  # left undivided: [W, W] instead of [W/2, W/2]
-    result = check_router_scaling(moe, grown, probe, 2, 1e-4)
+    result = check_router_scaling(moe, grown, probe, scale_factor=2, tolerance=1e-4)
     assert result.status == FAILED
     assert result.diagnosis == "router_not_divided"
     assert result.where == "layer 0 (router)"
@@ -296,11 +296,11 @@ def _collapsed_moe() -> Transformer:
 
 def test_router_check_does_not_blame_growth_for_a_collapse_in_the_source(probe):
     old = _collapsed_moe()
-    old_share = check_router_scaling(old, old, probe, 1).table[0]["topk_share_new"]
+    old_share = check_router_scaling(old, old, probe, scale_factor=1).table[0]["topk_share_new"]
     assert old_share >= 0.9  # the source's routing had collapsed before any growth
     # identity layers copy the collapsed routers: the same routing, not a growth bug
     new = grow_depth(old, 2, mode="identity", positions=[0, 1])
-    result = check_router_scaling(old, new, probe, 1)
+    result = check_router_scaling(old, new, probe, scale_factor=1)
     assert result.status == PASSED, result.summary
     copies = [r for r in result.table if r["source"].startswith("identity")]
     assert len(copies) == 2 and all(r["topk_share_new"] >= 0.9 for r in copies)
@@ -311,26 +311,29 @@ def test_router_check_does_not_blame_growth_for_a_collapse_in_the_source(probe):
         src.layers[0].mlp.experts.down_bias[:, 0] = 30.0
         src.layers[0].mlp_norm.weight[0] = 5.0
         src.layers[0].mlp.router.weight[:, 0] = torch.tensor([4.0, 3.0, -3.0, -4.0])
-    assert check_router_scaling(src, src, probe, 1).table[0]["topk_share_new"] < 0.9
-    result = check_router_scaling(src, grow_depth(src, 1, mode="identity", positions=[0]), probe, 1)
+    assert check_router_scaling(src, src, probe, scale_factor=1).table[0]["topk_share_new"] < 0.9
+    result = check_router_scaling(src, grow_depth(src, 1, mode="identity", positions=[0]), probe, scale_factor=1)
     assert result.status == FAILED and result.diagnosis == "routing_collapsed"
     assert [r["layer"] for r in result.table if r["status"] == "COLLAPSED"] == [1]
 
 
 def test_router_check_skips_dense_models(width_pair, probe):
-    result = check_router_scaling(*width_pair, probe, 2)
+    result = check_router_scaling(*width_pair, probe, scale_factor=2)
     assert result.status == SKIPPED and result.passed and "dense" in result.summary
 
 
 def test_symmetry_check_catches_zero_noise(dense, probe):
     exact = grow_width(dense, 2, noise_std=0)
-    result = check_symmetry_breaking(exact, probe, 2)
+    result = check_symmetry_breaking(dense, exact, probe, scale_factor=2)
     assert result.status == FAILED
     assert result.diagnosis == "noise_too_small"
     assert result.figures["tensors_failing"] == result.figures["tensors_judged"] == 15
     assert result.where == "all layers"
     assert {r["status"] for r in result.table} == {"FAIL"}
     assert "noise_std" in result.fix
+    # the old one-model call is refused with a message that says what changed
+    with pytest.raises(TypeError, match="old_model, new_model"):
+        check_symmetry_breaking(exact, probe)
 
 
 @pytest.mark.parametrize("k", [0, 1])
@@ -340,7 +343,7 @@ def test_identity_check_names_corrupted_layer(width_pair, probe, k):
     w = bad.layers[k].mlp.up_proj.weight
     with torch.no_grad():
         w.add_(0.01 * torch.randn_like(w))
-    result = check_functional_identity_layerwise(old, bad, probe, 2, 1e-4)
+    result = check_functional_identity_layerwise(old, bad, probe, scale_factor=2, tolerance=1e-4)
     assert result.status == FAILED
     assert result.diagnosis == "weight_expansion_bug"
     assert result.where == f"layer {k} (MLP)"
@@ -363,12 +366,12 @@ def test_half_precision_growth_passes_by_default(dtype, scale):
     worst = max(identity.figures["max_rel_diff_hidden"], identity.figures["logits_rel_diff"])
     # the reason for the dtype's tolerance: float32's would have failed this correct growth
     assert worst > DEFAULT_TOLERANCE
-    assert check_functional_identity_layerwise(old, new, probe, scale, DEFAULT_TOLERANCE).status == FAILED
+    assert check_functional_identity_layerwise(old, new, probe, scale_factor=scale, tolerance=DEFAULT_TOLERANCE).status == FAILED
     # and it still catches a layer that was not divided by the scale
     bad = copy.deepcopy(new)
     with torch.no_grad():
         bad.layers[1].mlp.down_proj.weight.mul_(scale)
-    result = check_functional_identity_layerwise(old, bad, probe, scale)
+    result = check_functional_identity_layerwise(old, bad, probe, scale_factor=scale)
     assert result.status == FAILED and result.where.startswith("layer 1"), result.where
 
 
@@ -376,7 +379,7 @@ def test_identity_layer_that_is_not_an_identity(dense, probe):
     deep = grow_depth(dense, 1, positions=[0])
     with torch.no_grad():
         deep.layers[1].attn.o_proj.weight.normal_(0, 0.1)
-    result = check_functional_identity_layerwise(dense, deep, probe, 1)
+    result = check_functional_identity_layerwise(dense, deep, probe, scale_factor=1)
     assert result.status == FAILED and result.diagnosis == "identity_layer_not_identity"
     assert result.where == "layer 1 (identity layer)"
 

@@ -4,28 +4,36 @@
     ok = detailed_growth_check(old, new, probe, "cpu", scale_factor=2)   # prints the report
     report = run_growth_checks(old, new, probe, scale_factor=2)          # .passed, .to_json()
 
-Checks (each returns a :class:`CheckResult`): :func:`check_rope_integrity`,
-:func:`check_router_scaling`, :func:`check_symmetry_breaking`,
-:func:`check_functional_identity_layerwise`; :func:`verify_functional_equivalence` for the
+Checks (one registry, :data:`GROWTH_CHECKS`; each alone, with run_growth_checks' arguments,
+returns a :class:`CheckResult`): :func:`check_rope_integrity`, :func:`check_router_scaling`,
+:func:`check_symmetry_breaking`, :func:`check_functional_identity_layerwise`;
+:func:`verify_functional_equivalence` for the
 dense -> MoE step; :func:`quick_sanity_check` for one model; :class:`GrowthMonitor` for a
 training loop. See docs/GROWTH_VERIFICATION.md.
 """
 
-from .api import detailed_growth_check, run_growth_checks, verify_functional_equivalence
+from .api import (
+    check_functional_identity_layerwise,
+    check_rope_integrity,
+    check_router_scaling,
+    check_symmetry_breaking,
+    detailed_growth_check,
+    run_growth_checks,
+    verify_functional_equivalence,
+)
+from .checks import GROWTH_CHECKS, GrowthCheck
 from .context import DEFAULT_TOLERANCE, DTYPE_TOLERANCES, default_tolerance
-from .identity import check_functional_identity_layerwise
 from .monitor import GrowthMonitor, GrowthWarning, MonitorRecord
 from .probe import make_probe
 from .report import FAILED, PASSED, SKIPPED, TROUBLESHOOTING, CheckResult, Diagnosis, GrowthReport
-from .rope import check_rope_integrity
-from .router import check_router_scaling
 from .sanity import quick_sanity_check
-from .symmetry import check_symmetry_breaking
 
 __all__ = [
     "CheckResult",
     "DEFAULT_TOLERANCE",
     "DTYPE_TOLERANCES",
+    "GROWTH_CHECKS",
+    "GrowthCheck",
     "Diagnosis",
     "FAILED",
     "GrowthMonitor",

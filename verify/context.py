@@ -8,13 +8,13 @@ builds its own when called alone.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from growkit.growth.adapters import get_adapter
+from growkit.validate import real_number, whole_number
 
 from .pairing import COPY, IDENTITY, Pairing, measured_scale, pair_layers, width_records_scale
 from .probe import ProbeRun, check_probe, make_probe, run_probe, vocab_size
@@ -30,6 +30,10 @@ DEFAULT_TOLERANCE = 1e-4
 # RoPE broken) are O(1) differences, so these still catch them.
 DTYPE_TOLERANCES = {torch.float16: 5e-2, torch.bfloat16: 0.25}
 TOLERANCE_RULE = "relative: max|diff| <= tolerance * max|reference| per layer"
+# twins count as identical at or below this relative divergence (symmetry check)
+DEFAULT_MIN_DIVERGENCE = 1e-6
+# a layer whose top_k busiest experts take this share of the routing slots has collapsed
+DEFAULT_COLLAPSE_SHARE = 0.9
 
 
 def default_tolerance(*models: nn.Module) -> float:
@@ -63,18 +67,10 @@ def check_pair(old, new, names: tuple[str, str] = ("old_model", "new_model")) ->
             f"{names[1]} was grown from")
 
 
-def check_tolerance(tolerance) -> float:
-    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not math.isfinite(tolerance) or tolerance < 0:
-        raise ValueError(f"tolerance must be a finite number >= 0, got {tolerance!r}")
-    return float(tolerance)
-
-
 def check_scale_arg(scale_factor) -> int | None:
     if scale_factor is None:
         return None
-    if isinstance(scale_factor, bool) or not isinstance(scale_factor, (int, float)) or scale_factor < 1 or not float(scale_factor).is_integer():
-        raise ValueError(f"scale_factor must be a whole number >= 1 (or None to read it from the models), got {scale_factor!r}")
-    return int(scale_factor)
+    return whole_number(scale_factor, "scale_factor", min=1, hint="or None to read it from the models")
 
 
 @dataclass
@@ -99,7 +95,12 @@ class HiddenComparison:
 
 
 class Comparison:
-    """An (old, new) pair on one probe, with lazily computed shared results."""
+    """An (old, new) pair on one probe, with lazily computed shared results: the context
+    every growth check (``verify.checks.GROWTH_CHECKS``) reads.
+
+    Every setting of the checks is checked here, once: the probe, ``tolerance``,
+    ``scale_factor``, and the thresholds ``min_divergence`` (symmetry) and
+    ``collapse_share`` (router)."""
 
     def __init__(
         self,
@@ -109,6 +110,8 @@ class Comparison:
         *,
         scale_factor: int | None = None,
         tolerance: float | None = None,
+        min_divergence: float = DEFAULT_MIN_DIVERGENCE,
+        collapse_share: float = DEFAULT_COLLAPSE_SHARE,
         min_len: int = 2,
     ) -> None:
         check_pair(old, new)
@@ -122,8 +125,11 @@ class Comparison:
                 "device, or use run_growth_checks(..., device=...), which moves them and back"
             )
         self.probe = check_probe(probe, [old, new], min_len=min_len).to(device)
-        self.tolerance = default_tolerance(old, new) if tolerance is None else check_tolerance(tolerance)
+        self.tolerance = default_tolerance(old, new) if tolerance is None else real_number(tolerance, "tolerance", min=0)
         self.expected_scale = check_scale_arg(scale_factor)
+        # the thresholds of the symmetry and router checks
+        self.min_divergence = real_number(min_divergence, "min_divergence", min=0)
+        self.collapse_share = real_number(collapse_share, "collapse_share", above=0, max=1)
         self.scale = measured_scale(old, new)
         self.whole = isinstance(self.scale, int) and self.scale >= 1
         self._old_run: ProbeRun | None = None

@@ -24,9 +24,6 @@ magnitudes in one more; the logits in two.
 
 from __future__ import annotations
 
-import torch
-from torch import nn
-
 from .context import TOLERANCE_RULE, Comparison
 from .pairing import IDENTITY
 from .report import FAILED, PASSED, SKIPPED, CheckResult
@@ -155,27 +152,3 @@ def identity_check(ctx: Comparison) -> CheckResult:
         summary = f"all hidden states match but the logits differ (rel diff {h.logits_rel:.3g} > {tol:g})"
     return CheckResult(NAME, TITLE, FAILED, summary, tol, TOLERANCE_RULE, figures, table, columns,
                        diagnosis=diag, cause=cause, where=where, notes=notes)
-
-
-def check_functional_identity_layerwise(
-    old_model: nn.Module,
-    new_model: nn.Module,
-    probe: torch.Tensor | None = None,
-    scale_factor: int | None = None,
-    tolerance: float | None = None,
-) -> CheckResult:
-    """Embedding, every layer's hidden state and the logits against the tiled source.
-
-    Args:
-        old_model, new_model: source and grown model.
-        probe: [B, T] token ids (default: a seeded random [2, 16] probe).
-        scale_factor: expected width scale (None: measured). The comparison always uses
-            the measured one; a mismatch is reported by the RoPE check's structure part.
-        tolerance: relative: ``max|diff| <= tolerance * max|reference|`` per layer; None:
-            by the models' dtype (``default_tolerance``).
-
-    Returns:
-        A :class:`CheckResult` named ``functional_identity``.
-    """
-    ctx = Comparison(old_model, new_model, probe, scale_factor=scale_factor, tolerance=tolerance)
-    return identity_check(ctx)

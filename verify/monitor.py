@@ -40,14 +40,14 @@ from torch import nn
 from growkit.growth.adapters import get_adapter
 from growkit.growth.roles import Role
 from growkit.kernels import block_divergence
+from growkit.validate import real_number, whole_number
 
-from .context import check_model
+from .context import DEFAULT_COLLAPSE_SHARE, DEFAULT_MIN_DIVERGENCE, check_model
 from .pairing import twin_axes, width_records_scale
 from .probe import hook_modules
 from .report import jsonable
-from .router import DEFAULT_COLLAPSE_SHARE, expert_load
+from .router import expert_load
 from .stats import relative, twin_layout
-from .symmetry import DEFAULT_MIN_DIVERGENCE
 
 
 class GrowthWarning(UserWarning):
@@ -107,16 +107,15 @@ class GrowthMonitor:
         stall_below: float = 1e-2,
         warn: bool = True,
     ) -> None:
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"every must be a whole number >= 1, got {every!r}")
+        self.every = whole_number(every, "every", min=1)
         check_model(model)
         self.model = model
-        self.every = every
-        self.scale = scale_factor if scale_factor is not None else (width_records_scale(model) or 1)
-        self.min_divergence = min_divergence
-        self.collapse_share = collapse_share
-        self.stall_ticks = stall_ticks
-        self.stall_below = stall_below
+        self.scale = (whole_number(scale_factor, "scale_factor", min=1) if scale_factor is not None
+                      else (width_records_scale(model) or 1))
+        self.min_divergence = real_number(min_divergence, "min_divergence", min=0)
+        self.collapse_share = real_number(collapse_share, "collapse_share", above=0, max=1)
+        self.stall_ticks = whole_number(stall_ticks, "stall_ticks", min=1)
+        self.stall_below = real_number(stall_below, "stall_below", min=0)
         self.warn = warn
         self.history: list[MonitorRecord] = []
         self._calls = 0

@@ -18,7 +18,6 @@ the per-position maximum over the judged layers (one slot per position, one laun
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from growkit.growth.adapters import get_adapter
@@ -202,28 +201,3 @@ def rope_check(ctx: Comparison) -> CheckResult:
             f"(max rel diff {worst:.2e})"
         )
     return CheckResult(NAME, TITLE, PASSED, summary, tol, RULE, figures, table, columns, notes=notes)
-
-
-def check_rope_integrity(
-    old_model: nn.Module,
-    new_model: nn.Module,
-    probe: torch.Tensor | None = None,
-    *,
-    scale_factor: int | None = None,
-    tolerance: float | None = None,
-) -> CheckResult:
-    """Check head structure and position-by-position attention outputs (see module doc).
-
-    Args:
-        old_model: the source model.
-        new_model: the grown model.
-        probe: [B, T] token ids with T >= 2 (default: a seeded random [2, 16] probe).
-        scale_factor: the width scale expected (None: read from the models' d_model).
-        tolerance: relative tolerance (max|diff| <= tolerance * max|old attention output|);
-            None: by the models' dtype (``default_tolerance``).
-
-    Returns:
-        A :class:`CheckResult` named ``rope_integrity``.
-    """
-    ctx = Comparison(old_model, new_model, probe, scale_factor=scale_factor, tolerance=tolerance)
-    return rope_check(ctx)

@@ -35,7 +35,6 @@ from .stats import abs_stats, diff_stats, relative
 
 NAME, TITLE = "router_scaling", "Router scaling"
 RULE = "relative: max|diff| <= tolerance * max|old router logit| per MoE layer"
-DEFAULT_COLLAPSE_SHARE = 0.9
 
 
 def top_k_of(model: nn.Module) -> int:
@@ -81,14 +80,9 @@ def expert_load(logits: list[torch.Tensor], top_k: int) -> list[dict]:
     return out
 
 
-def check_share(collapse_share) -> float:
-    if isinstance(collapse_share, bool) or not isinstance(collapse_share, (int, float)) or not 0 < collapse_share <= 1:
-        raise ValueError(f"collapse_share must be a number in (0, 1], got {collapse_share!r}")
-    return float(collapse_share)
-
-
-def router_check(ctx: Comparison, collapse_share: float = DEFAULT_COLLAPSE_SHARE) -> CheckResult:
-    collapse_share = check_share(collapse_share)
+def router_check(ctx: Comparison) -> CheckResult:
+    """The check on a shared context (threshold ``ctx.collapse_share``)."""
+    collapse_share = ctx.collapse_share
     tol = ctx.tolerance
     new_run = ctx.new_run()
     if not new_run.router:
@@ -226,31 +220,3 @@ def router_check(ctx: Comparison, collapse_share: float = DEFAULT_COLLAPSE_SHARE
             f"min entropy {figures['min_load_entropy_new']:.3f})"
         )
     return CheckResult(NAME, TITLE, PASSED, summary, tol, RULE, figures, table, columns, notes=notes)
-
-
-def check_router_scaling(
-    old_model: nn.Module,
-    new_model: nn.Module,
-    probe: torch.Tensor | None = None,
-    scale_factor: int | None = None,
-    tolerance: float | None = None,
-    *,
-    collapse_share: float = DEFAULT_COLLAPSE_SHARE,
-) -> CheckResult:
-    """Compare every MoE layer's router logits and expert load (see module doc).
-
-    Args:
-        old_model, new_model: source and grown model.
-        probe: [B, T] token ids (default: a seeded random [2, 16] probe).
-        scale_factor: the width scale (None: read from the models). An undivided router
-            shows a magnitude ratio of about this number.
-        tolerance: relative tolerance on the logits; None: by the models' dtype
-            (``default_tolerance``).
-        collapse_share: a layer whose top_k busiest experts take at least this fraction of
-            the routing slots (and did not in the source) has collapsed.
-
-    Returns:
-        A :class:`CheckResult` named ``router_scaling`` (SKIPPED for dense models).
-    """
-    ctx = Comparison(old_model, new_model, probe, scale_factor=scale_factor, tolerance=tolerance)
-    return router_check(ctx, collapse_share)

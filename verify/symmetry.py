@@ -37,15 +37,13 @@ from torch import nn
 from growkit.growth.adapters import get_adapter
 from growkit.growth.roles import Role
 
-from .context import Comparison, check_model
-from .pairing import twin_axes, width_records_scale
-from .probe import ProbeRun, check_probe, make_probe, run_probe
+from .context import DEFAULT_MIN_DIVERGENCE, Comparison
+from .pairing import twin_axes
+from .probe import ProbeRun
 from .report import FAILED, PASSED, SKIPPED, CheckResult
-from .state import model_device
 from .stats import abs_stats, relative, twin_layout, twin_stats
 
 NAME, TITLE = "symmetry_breaking", "Symmetry breaking"
-DEFAULT_MIN_DIVERGENCE = 1e-6
 RULE = (
     "twins identical when mean|B_g - B_0| / mean|B_0| <= min_divergence; a cloned tensor "
     "fails when identical in both weights and gradients"
@@ -168,9 +166,8 @@ def measure_twins(model: nn.Module, grads: dict[str, torch.Tensor | None] | None
 def symmetry_check(model: nn.Module, run: ProbeRun | None, scale: int, *, expert_twins: bool | None = None,
                    min_divergence: float = DEFAULT_MIN_DIVERGENCE, rows: list[dict] | None = None) -> CheckResult:
     """The symmetry verdict from one backward pass (``run.grads``), or from ``rows`` that
-    :func:`measure_twins` measured already (layer by layer, ``verify.layerwise``)."""
-    if isinstance(min_divergence, bool) or not isinstance(min_divergence, (int, float)) or not min_divergence >= 0:
-        raise ValueError(f"min_divergence must be a number >= 0, got {min_divergence!r}")
+    :func:`measure_twins` measured already (layer by layer, ``verify.layerwise``);
+    ``min_divergence`` checked by the caller (``Comparison``)."""
     if expert_twins is None:
         expert_twins = has_upcycled_experts(model)
     if scale <= 1 and not expert_twins:
@@ -278,43 +275,11 @@ def symmetry_check(model: nn.Module, run: ProbeRun | None, scale: int, *, expert
                        notes=notes, details=rows)
 
 
-def check_symmetry_breaking(
-    new_model: nn.Module,
-    probe: torch.Tensor | None = None,
-    scale_factor: int | None = None,
-    *,
-    min_divergence: float = DEFAULT_MIN_DIVERGENCE,
-    expert_twins: bool | None = None,
-) -> CheckResult:
-    """One backward pass on the probe; twin divergence of every cloned weight and gradient.
-
-    Args:
-        new_model: the grown model (its grads, requires_grad and mode are restored).
-        probe: [B, T] token ids, T >= 2 (default: a seeded random [2, 16] probe).
-        scale_factor: the width scale the clones were made with (None: from the model's
-            width growth records, else 1).
-        min_divergence: relative divergence at or below which twins count as identical.
-        expert_twins: also compare experts along the experts dim (None: when the model
-            carries a ``moe`` growth record, i.e. was upcycled).
-
-    Returns:
-        A :class:`CheckResult` named ``symmetry_breaking``.
-    """
-    if scale_factor is None:
-        scale_factor = width_records_scale(new_model) or 1
-    if isinstance(scale_factor, bool) or not isinstance(scale_factor, int) or scale_factor < 1:
-        raise ValueError(f"scale_factor must be a whole number >= 1, got {scale_factor!r}")
-    check_model(new_model, "new_model")
-    if probe is None:
-        probe = make_probe(new_model)
-    probe = check_probe(probe, [new_model]).to(model_device(new_model))
-    run = run_probe(new_model, probe, attention=False, routers=False, backward=True)
-    return symmetry_check(new_model, run, scale_factor, expert_twins=expert_twins, min_divergence=min_divergence)
-
-
-def symmetry_from_context(ctx: Comparison, min_divergence: float = DEFAULT_MIN_DIVERGENCE) -> CheckResult:
+def symmetry_from_context(ctx: Comparison) -> CheckResult:
+    """The check on a shared context (threshold ``ctx.min_divergence``): one backward pass
+    of the new model on the probe, shared with the other checks."""
     scale = ctx.twin_scale
     if scale <= 1 and not has_upcycled_experts(ctx.new):
         return CheckResult(NAME, TITLE, SKIPPED, "not widened (scale 1) and no upcycled experts: no clones",
-                           min_divergence, RULE)
-    return symmetry_check(ctx.new, ctx.new_run(backward=True), scale, min_divergence=min_divergence)
+                           ctx.min_divergence, RULE)
+    return symmetry_check(ctx.new, ctx.new_run(backward=True), scale, min_divergence=ctx.min_divergence)
