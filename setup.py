@@ -49,7 +49,7 @@ setup(
     extras_require={
         "test": ["pytest>=7"],
         "plot": ["matplotlib>=3.5"],
-        "hf": ["transformers>=5.0", "tokenizers>=0.15"],
+        "hf": ["transformers>=5.0", "tokenizers>=0.15", "accelerate>=1.1"],  # accelerate: transformers.Trainer
         "yaml": ["pyyaml>=6"],
         # growkit grow / growkit verify (with the hf extra)
         "cli": ["tyro>=0.9", "pyyaml>=6"],

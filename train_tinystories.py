@@ -2,7 +2,9 @@
 """Three-phase TinyStories training: dense -> upcycled MoE -> wider and deeper MoE.
 
     python train_tinystories.py --preset tiny        # < 5 min on a 2-core CPU
-    python train_tinystories.py --help               # every setting
+    python train_tinystories.py --preset tiny --phase1.steps 300 --phase2.lr 1e-3
+    python train_tinystories.py --config run.yaml    # keys: field names, e.g. phase1: {steps: 300}
+    python train_tinystories.py --help               # every setting (the flags come from tyro)
 
 Same as ``growkit train``; the pipeline lives in ``growkit.train.pipeline``.
 """

@@ -1,7 +1,7 @@
 """The ``growkit`` console command.
 
     growkit train --preset tiny            # the three-phase TinyStories pipeline
-    growkit train --help                   # every TrainConfig field as a flag
+    growkit train --help                   # every TrainConfig field as a flag (tyro)
     growkit grow SRC DST --width 2         # grow a Hugging Face checkpoint on disk
     growkit verify SRC DST                 # the growth checks on two checkpoints
 

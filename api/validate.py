@@ -24,7 +24,7 @@ import math
 import numbers
 from collections.abc import Iterable
 
-__all__ = ["ArgumentKindError", "choice", "real_number", "seed", "whole_number"]
+__all__ = ["ArgumentKindError", "choice", "flag", "real_number", "seed", "whole_number"]
 
 SEED_LIMIT = 2**64
 
@@ -57,22 +57,30 @@ def whole_number(value, name: str, *, min: int | None = None, max: int | None = 
 
 
 def real_number(value, name: str, *, min: float | None = None, max: float | None = None,
-                above: float | None = None, hint: str = "") -> float:
-    """``value`` as a finite ``float`` with ``min <= value <= max`` and ``value > above``.
+                above: float | None = None, below: float | None = None, hint: str = "") -> float:
+    """``value`` as a finite ``float`` with ``min <= value <= max``, ``value > above`` and
+    ``value < below``.
 
     Raises:
         ArgumentKindError: a bool or a non-number.
         ValueError: NaN, infinite, or out of range.
     """
     parts = [f">= {min}" if min is not None else "", f"> {above}" if above is not None else "",
-             f"<= {max}" if max is not None else ""]
+             f"<= {max}" if max is not None else "", f"< {below}" if below is not None else ""]
     want = "a finite number " + " and ".join(p for p in parts if p) if any(parts) else "a finite number"
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ArgumentKindError(f"{name} must be {want.rstrip()}{_hint(hint)}, got {value!r}")
     value = float(value)
     if (not math.isfinite(value) or (min is not None and value < min) or (max is not None and value > max)
-            or (above is not None and value <= above)):
+            or (above is not None and value <= above) or (below is not None and value >= below)):
         raise ValueError(f"{name} must be {want.rstrip()}{_hint(hint)}, got {value!r}")
+    return value
+
+
+def flag(value, name: str) -> bool:
+    """``value`` if it is a ``bool`` (``1`` or ``"yes"`` are refused: ArgumentKindError)."""
+    if not isinstance(value, bool):
+        raise ArgumentKindError(f"{name} must be true or false, got {value!r}")
     return value
 
 

@@ -50,8 +50,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS_DIR, atomic_write_text, device_label  # noqa: E402
 
-from growkit.models import ModelConfig, Transformer, causal_lm_loss  # noqa: E402
-from growkit.train.config import PRESETS, TrainConfig, preset_config  # noqa: E402
+from growkit.models import ModelConfig, Transformer  # noqa: E402
+from growkit.train.config import (  # noqa: E402
+    PRESETS,
+    TrainConfig,
+    legacy_to_nested,
+    parse_args,
+    preset_config,
+)
 from growkit.train.data import load_tokenizer, prepare_data  # noqa: E402
 from growkit.train.metrics import (  # noqa: E402
     post_growth_spikes,
@@ -64,7 +70,8 @@ from growkit.train.trainer import lr_at, make_optimizer  # noqa: E402
 #: --quick: a small model and a few hundred steps; every code path, minutes not hours.
 QUICK = dict(
     d_model=32, n_layers=2, n_heads=2, seq_len=32, batch_size=8, n_experts=4, top_k=2,
-    scale_factor=2, extra_layers=1, steps_phase1=160, steps_phase2=40, steps_phase3=40,
+    scale_factor=2, extra_layers=1,
+    phase1={"steps": 160}, phase2={"steps": 40}, phase3={"steps": 40},
     eval_interval=20, eval_batches=4, log_interval=20, checkpoint_every=0,
     keep_checkpoints=1, device="cpu",
     # One thread: on a small CPU shared with other work, two OpenMP threads on these tiny
@@ -118,7 +125,7 @@ class Evaluator:
         total, count = 0.0, 0
         for x, y in self.batches:
             with self.autocast():
-                loss = causal_lm_loss(model(x), y)
+                loss = model.loss(x, y, include_aux=False)
             total += float(loss) * y.numel()
             count += y.numel()
         model.train()
@@ -132,7 +139,7 @@ def train_arm(ds, cfg: TrainConfig, model_cfg: ModelConfig, lr: float, budget: f
     steps = max(1, int(budget // per_step))
     # The pipeline's phase-1 schedule (warmup fraction, cosine/constant, floor) over the
     # arm's whole run, at peak rate ``lr``.
-    sched = TrainConfig.from_dict({"steps_phase1": steps, "lr_phase1": lr}, base=cfg)
+    sched = TrainConfig.from_dict({"phase1": {"steps": steps, "lr": lr}}, base=cfg)
     model = Transformer(model_cfg)
     model.init_weights(seed=cfg.seed)
     model = model.to(device).train()
@@ -147,9 +154,7 @@ def train_arm(ds, cfg: TrainConfig, model_cfg: ModelConfig, lr: float, budget: f
             g["lr"] = lr_at(sched, 1, step)
         x, y = ds.get_batch("train", cfg.batch_size, cfg.seq_len, gen, device=device)
         with autocast():
-            loss = causal_lm_loss(model(x), y)
-            if model_cfg.n_experts > 0 and model_cfg.aux_loss_coef:
-                loss = loss + model_cfg.aux_loss_coef * model.aux_loss()
+            loss = model.loss(x, y)
         loss.backward()
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -240,7 +245,9 @@ def main(argv=None) -> dict:
                    help="peak learning rates of arm (b)'s sweep (default: the phase-1 rate "
                         "x 1/3, 1, 3)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override a TrainConfig field of the pipeline (repeatable)")
+                   help="override a TrainConfig field of the pipeline, as the pipeline's "
+                        "flag --FIELD VALUE (phase1.steps=100, d-model=96; FIELD alone: a "
+                        "switch such as reset-optimizer or no-plot; repeatable)")
     p.add_argument("--n-evals", type=int, default=None,
                    help="evaluations of arms (b) and (c) (default 20, 10 with --quick)")
     p.add_argument("--out", default=None, help="parent of the pipeline runs (default: temp)")
@@ -250,18 +257,23 @@ def main(argv=None) -> dict:
         p.error("--seeds: give at least 2 different seeds (the report needs a spread)")
 
     overrides: dict[str, Any] = dict(QUICK) if args.quick else {}
+    flags: list[str] = []
     for item in args.set:
         key, sep, value = item.partition("=")
-        if not sep:
-            p.error(f"--set {item!r}: expected FIELD=VALUE")
-        overrides[key.strip().replace("-", "_")] = value.strip()
+        flags += [f"--{key.strip()}", value.strip()] if sep else [f"--{key.strip()}"]
     if args.data:
         overrides["data"] = args.data
     if args.val_data:
         overrides["val_data"] = args.val_data
     overrides.update(plot=False, progress=False)
     base = preset_config(args.preset, **overrides)
-    lrs = sorted(args.scratch_lrs or [base.lr_phase1 / 3, base.lr_phase1, base.lr_phase1 * 3])
+    if flags:  # parsed as the pipeline parses its flags (tyro)
+        try:
+            base = parse_args(legacy_to_nested(flags), base, prog="--set").cfg
+        except (TypeError, ValueError) as e:
+            p.error(f"--set: {e}")
+    lr1 = base.phase1.lr
+    lrs = sorted(args.scratch_lrs or [lr1 / 3, lr1, lr1 * 3])
     if len(lrs) < 3:
         p.error("--scratch-lrs: give at least 3 learning rates")
     n_evals = args.n_evals or (10 if args.quick else 20)
@@ -286,7 +298,7 @@ def main(argv=None) -> dict:
         summary = json.loads((run_dir / "summary.json").read_text())
         records = read_metrics(run_dir / "metrics.jsonl")
         curve = [(r["flops"], r["val_loss"]) for r in records if r["kind"] == "eval"]
-        spikes = post_growth_spikes(records, {ph: cfg.steps(ph) for ph in (1, 2, 3)})
+        spikes = post_growth_spikes(records, {ph: cfg.phase(ph).steps for ph in (1, 2, 3)})
         pipe_runs.append({"seed": seed, "curve": curve, "final_val_loss": curve[-1][1],
                           "phase_final_val_loss": {k: v["final_val_loss"]
                                                    for k, v in summary["phases"].items()},
@@ -309,7 +321,7 @@ def main(argv=None) -> dict:
                           f"scratch lr {lr:g} seed {seed}")
             scratch[lr].append({"seed": seed, **r})
         print(f"=== seed {seed}: (c) source model trained on ===")
-        r = train_arm(ds, cfg, source_cfg, cfg.lr_phase1, budget, evaluate, device, n_evals,
+        r = train_arm(ds, cfg, source_cfg, cfg.phase1.lr, budget, evaluate, device, n_evals,
                       f"source seed {seed}")
         source_runs.append({"seed": seed, **r})
 
@@ -350,6 +362,7 @@ def main(argv=None) -> dict:
         "preset": args.preset, "quick": args.quick, "seeds": args.seeds, "data": data_desc,
         "device": device_label(device), "budget_flops": budget,
         "config": base.to_dict(), "overrides": {k: str(v) for k, v in overrides.items()},
+        "set": list(args.set),
         "arms": arms, "targets": targets,
         "scratch_below_source": targets["scratch_final"] < targets["source_final"],
         "pipeline_below_source": arms["pipeline"]["final_val_loss"]["mean"]

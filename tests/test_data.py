@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import growkit.train.data as data_mod
-from growkit.train.config import TrainConfig, build_parser, config_from_namespace
+from growkit.train.config import TrainConfig, parse_command_line
 from growkit.train.data import (
     EOT_TOKEN,
     SAMPLE_N_STORIES,
@@ -313,9 +313,8 @@ def test_default_is_the_embedded_sample(tmp_path):
 def test_val_data_is_a_separate_validation_set(tmp_path, stories):
     train = write_stories(tmp_path / "train.txt", stories[:200])
     val = write_stories(tmp_path / "val.txt", stories[200:230])
-    ns = build_parser().parse_args(["--data", str(train), "--val-data", str(val),
-                                    "--out-dir", str(tmp_path / "runs")])
-    cfg = config_from_namespace(ns)
+    cfg = parse_command_line(["--data", str(train), "--val-data", str(val),
+                              "--out-dir", str(tmp_path / "runs")]).cfg
     assert cfg.val_data == str(val)
     cfg.check_runtime()
     ds, tok, desc = prepare_data(cfg, log=None)

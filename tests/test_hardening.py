@@ -240,13 +240,14 @@ def test_exit_statuses_are_documented_in_help(capsys):
 # ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("edit,names", [
-    ({"lr_phase1": 0.001}, ["lr_phase1: 0.003 -> 0.001"]),
+    ({"phase1": {"lr": 0.001}}, ["phase1.lr: 0.003 -> 0.001"]),
     ({"d_model": 64, "n_heads": 4}, ["d_model: 32 -> 64", "n_heads: 2 -> 4"]),
     ({"seed": 3}, ["seed: 0 -> 3"]),
 ])
 def test_an_edited_run_config_is_refused_naming_the_fields(run, capsys, edit, names):
     cfg = json.loads((run / "config.json").read_text())
-    cfg.update(edit)
+    for key, value in edit.items():
+        cfg[key] = {**cfg[key], **value} if isinstance(value, dict) else value
     (run / "config.json").write_text(json.dumps(cfg))
     code, err = resume(run, capsys)
     assert code == pipeline.EXIT_RESUME_REFUSED == 5
@@ -420,12 +421,16 @@ def test_modules_growkit_cannot_read_are_refused_saying_what_is_accepted(bad):
 
 
 @pytest.mark.parametrize("args", [["--lr-phase2", "-1e-3"], ["--lr-phase2=-1e-3"],
-                                  ["--seed", "-1"]])
+                                  ["--phase2.lr", "-1e-3"], ["--seed", "-1"]])
 def test_negative_numbers_reach_the_field_check(capsys, args):
     assert pipeline.main([*args, "--print-config"]) == pipeline.EXIT_BAD_CONFIG
     err = capsys.readouterr().err
-    assert "expected one argument" not in err
-    assert ("lr_phase2=-0.001" if "lr" in args[0] else "seed=-1") in err
+    assert "expected one argument" not in err and "expected 1 argument" not in err
+    line = one_error_line(err)
+    if "lr" in args[0]:
+        assert "TrainConfig.phase2.lr must be a finite number > 0" in line and "got -0.001" in line
+    else:
+        assert "TrainConfig.seed must be a whole number in [0, 2**64), got -1" in line
 
 
 def test_bpe_with_a_too_long_seq_len_leaves_nothing_behind(tmp_path, capsys):

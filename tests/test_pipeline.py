@@ -22,9 +22,9 @@ from growkit.train import pipeline
 from growkit.train.checkpoint import load_optimizer, save_optimizer
 from growkit.train.config import (
     PRESETS,
+    PhaseConfig,
     TrainConfig,
-    build_parser,
-    config_from_namespace,
+    parse_command_line,
     preset_config,
 )
 from growkit.train.metrics import parameter_counts, read_metrics, training_flops_per_token
@@ -75,20 +75,19 @@ def test_config_file_json_yaml_and_cli_overrides(tmp_path):
     # YAML 1.1 reads 2e-4 (no dot) as a string: it must still become a float.
     (tmp_path / "c.yaml").write_text(
         "steps_phase1: 8\nlr_phase2: 2e-4\nd_model: 128\ndepth_mode: stack\n")
-    parser = build_parser()
-    cfg = config_from_namespace(parser.parse_args(
+    cfg = parse_command_line(
         ["--preset", "tiny", "--config", str(tmp_path / "c.json"), "--steps-phase1", "100",
-         "--lr_phase1", "0.002", "--no-reset-optimizer"]))
-    assert cfg.steps_phase1 == 100  # flag beats file
-    assert cfg.lr_phase1 == 0.002 and cfg.lr_phase2 == 5e-4  # file beats preset
+         "--lr_phase1", "0.002", "--no-reset-optimizer"]).cfg
+    assert cfg.phase1.steps == 100  # flag beats file
+    assert cfg.phase1.lr == 0.002 and cfg.phase2.lr == 5e-4  # file beats preset
     assert cfg.d_model == 96 and cfg.reset_optimizer is False
-    assert cfg.steps_phase2 == PRESETS["tiny"]["steps_phase2"]  # preset beats default
-    cfg = config_from_namespace(parser.parse_args(["--config", str(tmp_path / "c.yaml")]))
-    assert (cfg.steps_phase1, cfg.lr_phase2, cfg.d_model, cfg.depth_mode) == (8, 2e-4, 128, "stack")
-    assert isinstance(cfg.lr_phase2, float)
+    assert cfg.phase2.steps == PRESETS["tiny"]["phase2"]["steps"]  # preset beats default
+    cfg = parse_command_line(["--config", str(tmp_path / "c.yaml")]).cfg
+    assert (cfg.phase1.steps, cfg.phase2.lr, cfg.d_model, cfg.depth_mode) == (8, 2e-4, 128, "stack")
+    assert isinstance(cfg.phase2.lr, float)
     # Both spellings of a flag; None for optional fields.
-    cfg = config_from_namespace(parser.parse_args(["--steps_phase3", "5", "--d-ff", "none"]))
-    assert cfg.steps_phase3 == 5 and cfg.d_ff is None
+    cfg = parse_command_line(["--steps_phase3", "5", "--d-ff", "None"]).cfg
+    assert cfg.phase3.steps == 5 and cfg.d_ff is None
     # Round trip through the JSON a run directory stores.
     assert TrainConfig.from_dict(json.loads(cfg.to_json_str())) == cfg
 
@@ -104,30 +103,33 @@ def test_presets_are_valid():
     # Its budget: the grown phase-3 model dominates; keep the whole run small.
     mcfg = tiny.model_config(257)
     tokens = tiny.batch_size * tiny.seq_len
-    flops = tokens * (tiny.steps_phase1 * training_flops_per_token(mcfg, tiny.seq_len))
+    flops = tokens * (tiny.phase1.steps * training_flops_per_token(mcfg, tiny.seq_len))
     assert flops < 1e12
 
 
 @pytest.mark.parametrize("field,value", [
-    ("steps_phase1", -1), ("lr_phase2", 0.0), ("lr_phase3", 5.0), ("n_heads", 3),
+    ("phase1.steps", -1), ("phase2.lr", 0.0), ("phase3.lr", 5.0), ("n_heads", 3),
     ("n_experts", 1), ("top_k", 9), ("scale_factor", 1), ("device", "tpu"),
     ("dtype", "float16"), ("tokenizer", "word"), ("depth_mode", "zero"),
     ("val_fraction", 1.0), ("batch_size", 0), ("seq_len", True), ("schedule", "linear"),
-    ("warmup_frac_phase1", 1.5), ("grad_clip", -1.0), ("n_kv_heads", 3),
+    ("phase1.warmup_frac", 1.5), ("grad_clip", -1.0), ("n_kv_heads", 3), ("d_model", 0),
+    ("seed", 1.5), ("progress", "yes"), ("phase2.steps", 2.5),
 ])
 def test_bad_values_raise_naming_the_field(field, value):
-    with pytest.raises(ValueError, match=field):
-        TrainConfig(**{field: value})
+    # ValueError for a value out of range, TypeError for one of the wrong kind (a bool
+    # or a fraction for a whole number, a string for a switch).
+    with pytest.raises((ValueError, TypeError), match=field.replace(".", r"\.")):
+        TrainConfig.from_dict({field: value})
 
 
 def test_bad_config_writes_nothing(tmp_path, capsys):
     out = tmp_path / "runs"
     assert pipeline.main(["--lr-phase1", "0", "--out-dir", str(out)]) == 2
-    assert "lr_phase1" in capsys.readouterr().err
+    assert "TrainConfig.phase1.lr must be a finite number > 0" in capsys.readouterr().err
     bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps({"steps-phase1": 5}))
+    bad.write_text(json.dumps({"steps-phase1": 5, "stepz_phase2": 5}))
     assert pipeline.main(["--config", str(bad), "--out-dir", str(out)]) == 2
-    assert "steps_phase1" in capsys.readouterr().err  # the hint names the right key
+    assert "unknown TrainConfig keys ['stepz_phase2']" in capsys.readouterr().err
     assert pipeline.main(["--data", str(tmp_path / "missing.txt"), "--out-dir", str(out)]) == 2
     assert "data" in capsys.readouterr().err
     assert not out.exists()
@@ -136,7 +138,7 @@ def test_bad_config_writes_nothing(tmp_path, capsys):
 def test_cli_train_subcommand(capsys):
     assert cli_main(["train", "--preset", "tiny", "--steps-phase1", "3", "--print-config"]) == 0
     cfg = TrainConfig.from_dict(json.loads(capsys.readouterr().out))
-    assert cfg.steps_phase1 == 3 and cfg.name == "tiny"
+    assert cfg.phase1.steps == 3 and cfg.name == "tiny"
     assert cli_main([]) == 2
     with pytest.raises(SystemExit):
         cli_main(["frobnicate"])
@@ -168,13 +170,13 @@ def test_parameter_counts_and_flops(kw):
 
 
 def test_lr_schedule():
-    cfg = TrainConfig(steps_phase1=100, warmup_frac_phase1=0.1, lr_phase1=1e-3, min_lr_ratio=0.1)
+    cfg = TrainConfig(phase1=PhaseConfig(steps=100, lr=1e-3, warmup_frac=0.1), min_lr_ratio=0.1)
     assert lr_at(cfg, 1, 0) == pytest.approx(1e-4)
     assert lr_at(cfg, 1, 9) == pytest.approx(1e-3)
     assert lr_at(cfg, 1, 99) == pytest.approx(1e-4)
     assert all(lr_at(cfg, 1, s) >= lr_at(cfg, 1, s + 1) for s in range(10, 99))
-    const = TrainConfig(schedule="constant", warmup_frac_phase2=0.0, lr_phase2=3e-4)
-    assert {lr_at(const, 2, s) for s in range(const.steps_phase2)} == {3e-4}
+    const = TrainConfig.from_dict({"schedule": "constant", "phase2": {"warmup_frac": 0.0, "lr": 3e-4}})
+    assert {lr_at(const, 2, s) for s in range(const.phase2.steps)} == {3e-4}
 
 
 def test_optimizer_state_roundtrip_is_exact(tmp_path):
@@ -326,7 +328,7 @@ def test_resume_reproduces_uninterrupted_run(reference_run, tmp_path, monkeypatc
 
 def test_resume_refuses_to_change_the_run(reference_run, capsys):
     assert pipeline.main(["--resume", str(reference_run), "--lr-phase1", "0.5"]) == 2
-    assert "lr_phase1" in capsys.readouterr().err
+    assert "--resume cannot change ['phase1.lr']" in capsys.readouterr().err
 
 
 def _corrupt_width_growth(monkeypatch):

@@ -413,23 +413,42 @@ def _hash_exempt() -> frozenset[str]:
     return frozenset(RESUME_OVERRIDABLE) | {"run_dir", "out_dir", "name", "data", "val_data"}
 
 
+def _flat(train_config: dict[str, Any]) -> dict[str, Any]:
+    """The config with dotted phase keys (``phase1.steps``), from the nested
+    ``TrainConfig.to_dict()`` or the flat dict (``steps_phase1``) of earlier versions."""
+    from .config import flatten_config
+
+    return flatten_config(train_config)
+
+
+def _canonical(key: str) -> str:
+    from .config import LEGACY_KEYS
+
+    return LEGACY_KEYS.get(key, key)
+
+
 def run_config_hash(train_config: dict[str, Any], fields: list[str] | None = None) -> str:
     """sha256 of the run-defining fields of a resolved ``TrainConfig.to_dict()``.
 
+    The hash is over the flattened config (``{"phase1.steps": ..., "d_model": ...}``).
     The fields a resumed run may change (``RESUME_OVERRIDABLE``) and those that only
     locate things (``run_dir``, ``out_dir``, ``name``; ``data`` and ``val_data``, whose
     content is fingerprinted separately) are left out. ``fields`` restricts the hash to those keys
-    (the ones a checkpoint hashed; fields added to TrainConfig later are not compared).
+    (the ones a checkpoint hashed; fields added to TrainConfig later are not compared). A
+    checkpoint of an earlier version names the phase fields flat (``steps_phase1``): such a
+    key hashes the value of its nested field under its own name, so its hash still matches.
     """
-    exempt = _hash_exempt()
-    keys = sorted(k for k in (train_config if fields is None else fields) if k not in exempt)
-    payload = json.dumps({k: train_config.get(k) for k in keys}, sort_keys=True, allow_nan=True)
+    exempt, flat = _hash_exempt(), _flat(train_config)
+    keys = sorted(k for k in (flat if fields is None else fields) if k not in exempt)
+    payload = json.dumps({k: flat.get(_canonical(k)) for k in keys}, sort_keys=True,
+                         allow_nan=True)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
 def config_changes(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Run-defining fields whose value differs, as ``"name: stored -> current"``."""
-    exempt = _hash_exempt()
+    """Run-defining fields whose value differs, as ``"name: stored -> current"`` (phase
+    fields dotted: ``"phase1.lr: 0.003 -> 0.001"``)."""
+    exempt, stored, current = _hash_exempt(), _flat(stored), _flat(current)
     return [f"{k}: {stored.get(k)!r} -> {current.get(k)!r}" for k in sorted(stored)
             if k not in exempt and stored.get(k) != current.get(k)]
 
@@ -442,7 +461,7 @@ def write_manifest(directory: Path, train_config: dict[str, Any] | None) -> None
         files[name] = {"bytes": p.stat().st_size, "sha256": _sha256(p)}
     manifest: dict[str, Any] = {"format": 1, "files": files}
     if train_config is not None:
-        fields = sorted(k for k in train_config if k not in _hash_exempt())
+        fields = sorted(k for k in _flat(train_config) if k not in _hash_exempt())
         manifest["config_sha256"] = run_config_hash(train_config, fields)
         manifest["config_fields"] = fields
     atomic_write_json(directory / MANIFEST_FILE, manifest)

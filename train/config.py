@@ -4,59 +4,94 @@ A run's settings are resolved in this order, each layer overriding the one befor
 
 1. the :class:`TrainConfig` defaults,
 2. a preset (``--preset tiny|small|gpu``, see :data:`PRESETS`),
-3. a JSON or YAML file (``--config run.yaml``; keys are field names),
-4. command-line flags, one per field (``--steps-phase1 100`` or ``--steps_phase1 100``).
+3. a JSON or YAML file (``--config run.yaml``; keys are field names, with ``_`` or ``-``),
+4. command-line flags, one per field, made by `tyro <https://brentyi.github.io/tyro/>`_
+   from the dataclass and its field docstrings (``--d-model 128`` or ``--d_model 128``).
 
-Every value is checked when the config is built (:meth:`TrainConfig.__post_init__`); a
-bad value raises ``ValueError`` naming the field and what to use instead. Checks that
-depend on the machine or the filesystem (CUDA present, data file exists, optional
-packages installed) are in :meth:`TrainConfig.check_runtime`, which the pipeline calls
-before it writes anything, so a config can be built and inspected anywhere (the ``gpu``
-preset on a laptop, for instance).
+The per-phase settings are nested :class:`PhaseConfig` s: ``cfg.phase1.steps``,
+``cfg.phase2.lr``, ``cfg.phase3.warmup_frac``, set by ``--phase1.steps 100`` or, in a file,
+``phase1: {steps: 100}`` or ``phase1.steps: 100``. The flat names of earlier versions still
+work everywhere: a file may say ``steps_phase1: 100``, and the flags ``--steps-phase1``,
+``--lr-phase2``, ``--warmup-frac-phase3`` (or with underscores) are rewritten to their
+nested form before tyro parses the command line (:func:`legacy_to_nested`).
+
+Every value is checked when the config is built (:meth:`TrainConfig.validate`, called by
+``__post_init__``) with the helpers of :mod:`growkit.validate`: ``ArgumentKindError`` (a
+``TypeError`` and a ``ValueError``) for a value of the wrong kind, ``ValueError`` for one
+out of range, naming the field and what to use instead. The model's shape rules are :class:`growkit.models.ModelConfig`'s: the config
+builds the phase-1 (dense) and phase-2 (MoE) model configs and passes their errors on.
+Checks that depend on the machine or the filesystem (CUDA present, data file exists,
+optional packages installed) are in :meth:`TrainConfig.check_runtime`, which the pipeline
+calls before it writes anything, so a config can be built and inspected anywhere (the
+``gpu`` preset on a laptop, for instance).
 
 Example:
-    >>> from growkit.train.config import TrainConfig, preset_config
+    >>> from growkit.train.config import preset_config
     >>> cfg = preset_config("tiny", steps_phase1=10)
-    >>> cfg.steps_phase1, cfg.d_model
+    >>> cfg.phase1.steps, cfg.d_model
     (10, 64)
 """
 
 from __future__ import annotations
 
-import argparse
+import contextvars
 import dataclasses
 import json
-import math
 import os
-import typing
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Annotated, Any, Literal, Mapping, Optional, Sequence
+
+from growkit.validate import ArgumentKindError, choice, flag, real_number, seed, whole_number
 
 __all__ = [
     "TrainConfig",
+    "PhaseConfig",
+    "TrainArgs",
     "PRESETS",
+    "PHASES",
     "RESUME_OVERRIDABLE",
+    "LEGACY_KEYS",
     "preset_config",
+    "base_config",
     "load_config_file",
-    "add_config_arguments",
-    "config_from_namespace",
+    "flatten_config",
+    "legacy_to_nested",
+    "peek_run_options",
+    "parse_args",
+    "parse_command_line",
     "resume_overrides",
-    "build_parser",
-    "coerce_field",
 ]
 
-_SCHEDULES = ("cosine", "constant")
-_DEVICES = ("auto", "cpu", "cuda")
-_DTYPES = ("float32", "bfloat16")
-_TOKENIZERS = ("byte", "bpe")
-_DEPTH_MODES = ("identity", "stack")
-_CHOICES = {"tokenizer": _TOKENIZERS, "schedule": _SCHEDULES, "device": _DEVICES,
-            "dtype": _DTYPES, "depth_mode": _DEPTH_MODES}
+PHASES = ("phase1", "phase2", "phase3")
+#: The flat per-phase names of earlier versions (files, flags) -> the nested field.
+LEGACY_KEYS = {f"{old}_phase{p}": f"phase{p}.{new}" for p in (1, 2, 3)
+               for old, new in (("steps", "steps"), ("lr", "lr"), ("warmup_frac", "warmup_frac"))}
+
+#: Fields a resumed run may change; every other field must match the stored config,
+#: because changing it would make the resumed run differ from an uninterrupted one.
+RESUME_OVERRIDABLE = frozenset({
+    "device", "progress", "plot", "continue_on_failed_check", "checkpoint_every",
+    "keep_checkpoints", "threads", "token_cache_dir",
+})
+
+# tyro reports a ValueError raised while it builds the dataclass in a wrapped box; while
+# it parses, the checks wait, and parse_args runs them after, so the pipeline can print
+# them on one line like every other error.
+_CHECKS_DEFERRED = contextvars.ContextVar("growkit_train_checks_deferred", default=False)
 
 
-def _f(default: Any, help: str) -> Any:  # noqa: A002 - "help" mirrors argparse
-    return field(default=default, metadata={"help": help})
+@dataclass
+class PhaseConfig:
+    """Steps, peak learning rate and warmup of one training phase."""
+
+    steps: int
+    """training steps of the phase, >= 0"""
+    lr: float
+    """peak learning rate, in (0, 1)"""
+    warmup_frac: float
+    """linear warmup, as a fraction of the phase's steps, in [0, 1)"""
 
 
 @dataclass
@@ -66,186 +101,212 @@ class TrainConfig:
     The model's vocabulary size is not a field: it comes from the tokenizer. Phase 1
     trains a dense model of the given sizes; phase 2 upcycles it into ``n_experts``
     experts (top ``top_k``); phase 3 widens it ``scale_factor`` times and adds
-    ``extra_layers`` layers.
+    ``extra_layers`` layers. Field docstrings are the ``--help`` texts (one line each:
+    tyro keeps their line breaks).
     """
 
     # ---- data
-    data: str = _f("embedded", "training stories: 'embedded' (the packaged sample of 5,979 "
-                   "real TinyStories stories, offline), 'hf' (Hugging Face "
-                   "roneneldan/TinyStories train split, validation on its validation "
-                   "split; needs `datasets`), or the path of a TinyStories .txt file")
-    val_data: str | None = _f(None, "validation stories: the path of a separate TinyStories "
-                              ".txt file (None: hold out val_fraction of the training "
-                              "stories, whole stories only; 'hf' uses its validation split)")
-    max_stories: int | None = _f(None, "use only the first this many stories of --data "
-                                 "(None: all)")
-    val_fraction: float = _f(0.05, "fraction of stories held out for validation, in (0, 1) "
-                             "(without --val-data)")
-    token_cache_dir: str | None = _f(None, "folder of the memory-mapped token caches of file "
-                                     "and hub sources, tokenized once (None: "
-                                     "<out_dir>/.token-cache)")
-    tokenizer: str = _f("byte", "'byte' (257 ids, no extra package) or 'bpe' (needs the "
-                        "`tokenizers` package)")
-    bpe_vocab_size: int = _f(4096, "BPE vocabulary size (tokenizer=bpe only), > 257")
+    data: str = "embedded"
+    """training stories: 'embedded' (the packaged sample of 5,979 real TinyStories stories, offline), 'hf' (Hugging Face roneneldan/TinyStories train split, validation on its validation split; needs `datasets`), or the path of a TinyStories .txt file"""
+    val_data: Optional[str] = None
+    """validation stories: the path of a separate TinyStories .txt file (None: hold out val_fraction of the training stories, whole stories only; 'hf' uses its validation split)"""
+    max_stories: Optional[int] = None
+    """use only the first this many stories of --data (None: all)"""
+    val_fraction: float = 0.05
+    """fraction of stories held out for validation, in (0, 1) (without --val-data)"""
+    token_cache_dir: Optional[str] = None
+    """folder of the memory-mapped token caches of file and hub sources, tokenized once (None: <out_dir>/.token-cache)"""
+    tokenizer: Literal["byte", "bpe"] = "byte"
+    """'byte' (257 ids, no extra package) or 'bpe' (needs the `tokenizers` package)"""
+    bpe_vocab_size: int = 4096
+    """BPE vocabulary size (tokenizer=bpe only), > 257"""
 
     # ---- phase-1 (dense) model
-    d_model: int = _f(64, "residual width of the phase-1 dense model")
-    n_layers: int = _f(2, "layers of the phase-1 dense model")
-    n_heads: int = _f(4, "attention heads (must divide d_model)")
-    n_kv_heads: int | None = _f(None, "key/value heads, dividing n_heads (None: n_heads)")
-    d_ff: int | None = _f(None, "MLP hidden size (None: 8/3 d_model rounded up to 8)")
-    tie_embeddings: bool = _f(False, "share the input embedding and the output matrix")
-    rope_theta: float = _f(10000.0, "RoPE base frequency")
+    d_model: int = 64
+    """residual width of the phase-1 dense model"""
+    n_layers: int = 2
+    """layers of the phase-1 dense model"""
+    n_heads: int = 4
+    """attention heads (must divide d_model)"""
+    n_kv_heads: Optional[int] = None
+    """key/value heads, dividing n_heads (None: n_heads)"""
+    d_ff: Optional[int] = None
+    """MLP hidden size (None: 8/3 d_model rounded up to 8)"""
+    tie_embeddings: bool = False
+    """share the input embedding and the output matrix"""
+    rope_theta: float = 10000.0
+    """RoPE base frequency"""
 
     # ---- growth
-    n_experts: int = _f(4, "phase 2: experts per MoE layer, >= 2")
-    top_k: int = _f(2, "phase 2: experts per token, 1 <= top_k <= n_experts")
-    aux_loss_coef: float = _f(0.01, "weight of the MoE load-balancing loss in training")
-    scale_factor: int = _f(2, "phase 3: width multiple (HyperCloning), a whole number >= 2")
-    extra_layers: int = _f(2, "phase 3: layers added after widening, >= 0")
-    depth_mode: str = _f("identity", "phase 3 depth growth: 'identity' (function-"
-                         "preserving) or 'stack' (G_stack; changes the function, so its "
-                         "check fails by design)")
-    noise_std: float = _f(1e-5, "phase 3: std of the zero-sum symmetry-breaking noise")
-    check_tolerance: float = _f(1e-4, "relative tolerance of the growth checks: max|diff| <= "
-                                "tolerance * max|reference| per layer")
-    val_tolerance: float = _f(0.02, "largest relative change of the validation loss across "
-                              "a growth (first eval after vs last before)")
-    probe_batch_size: int = _f(4, "validation windows in the probe batch the growth "
-                               "checks run on")
-    continue_on_failed_check: bool = _f(False, "keep training when a growth check fails "
-                                        "(the failure is still recorded)")
-    reset_optimizer: bool = _f(False, "start each grown model with a fresh AdamW instead of "
-                               "carrying the Adam moments over (transfer_adam_state)")
+    n_experts: int = 4
+    """phase 2: experts per MoE layer, >= 2"""
+    top_k: int = 2
+    """phase 2: experts per token, 1 <= top_k <= n_experts"""
+    aux_loss_coef: float = 0.01
+    """weight of the MoE load-balancing loss in training"""
+    scale_factor: int = 2
+    """phase 3: width multiple (HyperCloning), a whole number >= 2"""
+    extra_layers: int = 2
+    """phase 3: layers added after widening, >= 0"""
+    depth_mode: Literal["identity", "stack"] = "identity"
+    """phase 3 depth growth: 'identity' (function-preserving) or 'stack' (G_stack; changes the function, so its check fails by design)"""
+    noise_std: float = 1e-5
+    """phase 3: std of the zero-sum symmetry-breaking noise"""
+    check_tolerance: float = 1e-4
+    """relative tolerance of the growth checks: max|diff| <= tolerance * max|reference| per layer"""
+    val_tolerance: float = 0.02
+    """largest relative change of the validation loss across a growth (first eval after vs last before)"""
+    probe_batch_size: int = 4
+    """validation windows in the probe batch the growth checks run on"""
+    continue_on_failed_check: bool = False
+    """keep training when a growth check fails (the failure is still recorded)"""
+    reset_optimizer: bool = False
+    """start each grown model with a fresh AdamW instead of carrying the Adam moments over (transfer_adam_state)"""
 
     # ---- optimization
-    steps_phase1: int = _f(1200, "training steps of phase 1 (dense)")
-    steps_phase2: int = _f(300, "training steps of phase 2 (MoE)")
-    steps_phase3: int = _f(300, "training steps of phase 3 (grown MoE)")
-    lr_phase1: float = _f(3e-3, "peak learning rate of phase 1")
-    lr_phase2: float = _f(5e-4, "peak learning rate of phase 2 (the MoE)")
-    lr_phase3: float = _f(3e-4, "peak learning rate of phase 3; a model widened s times "
-                          "moves s times further in function space per Adam step, so "
-                          "it wants a lower rate")
-    warmup_frac_phase1: float = _f(0.08, "linear warmup of phase 1, as a fraction of its steps")
-    warmup_frac_phase2: float = _f(0.05, "linear warmup of phase 2, as a fraction of its steps")
-    warmup_frac_phase3: float = _f(0.05, "linear warmup of phase 3, as a fraction of its steps")
-    schedule: str = _f("cosine", "LR schedule within each phase after warmup: 'cosine' "
-                       "(decays to min_lr_ratio * peak) or 'constant'")
-    min_lr_ratio: float = _f(0.1, "cosine floor as a fraction of the phase's peak LR")
-    weight_decay: float = _f(0.1, "AdamW weight decay (matrices only; norms and biases "
-                             "get none)")
-    beta1: float = _f(0.9, "AdamW beta1")
-    beta2: float = _f(0.95, "AdamW beta2")
-    adam_eps: float = _f(1e-8, "AdamW epsilon")
-    grad_clip: float = _f(1.0, "clip the global gradient norm to this (0: no clipping)")
-    batch_size: int = _f(16, "sequences per training step")
-    seq_len: int = _f(64, "tokens per sequence")
+    phase1: PhaseConfig = field(default_factory=lambda: PhaseConfig(1200, 3e-3, 0.08))
+    """phase 1: the dense model"""
+    phase2: PhaseConfig = field(default_factory=lambda: PhaseConfig(300, 5e-4, 0.05))
+    """phase 2: the upcycled MoE"""
+    phase3: PhaseConfig = field(default_factory=lambda: PhaseConfig(300, 3e-4, 0.05))
+    """phase 3: the grown MoE; a model widened s times moves s times further in function space per Adam step, so it wants a lower rate"""
+    schedule: Literal["cosine", "constant"] = "cosine"
+    """LR schedule within each phase after warmup: 'cosine' (decays to min_lr_ratio * peak) or 'constant'"""
+    min_lr_ratio: float = 0.1
+    """cosine floor as a fraction of the phase's peak LR"""
+    weight_decay: float = 0.1
+    """AdamW weight decay (matrices only; norms and biases get none)"""
+    beta1: float = 0.9
+    """AdamW beta1"""
+    beta2: float = 0.95
+    """AdamW beta2"""
+    adam_eps: float = 1e-8
+    """AdamW epsilon"""
+    grad_clip: float = 1.0
+    """clip the global gradient norm to this (0: no clipping)"""
+    batch_size: int = 16
+    """sequences per training step"""
+    seq_len: int = 64
+    """tokens per sequence"""
 
     # ---- evaluation, logging, checkpoints
-    eval_interval: int = _f(100, "validate every this many steps of a phase (and at "
-                            "every phase end and right before/after each growth)")
-    eval_batches: int = _f(8, "validation batches per evaluation (spread over the split)")
-    post_growth_evals: int = _f(4, "extra validations spread over the first quarter of each "
-                                "phase after a growth, to measure the loss spike there "
-                                "(summary: post_growth_spike); 0: none")
-    log_interval: int = _f(10, "write a training record to metrics.jsonl every this many "
-                           "steps")
-    checkpoint_every: int = _f(500, "checkpoint every this many global steps (0: only at "
-                               "phase ends)")
-    keep_checkpoints: int = _f(2, "periodic checkpoints to keep (phase-end ones are "
-                               "always kept)")
+    eval_interval: int = 100
+    """validate every this many steps of a phase (and at every phase end and right before/after each growth)"""
+    eval_batches: int = 8
+    """validation batches per evaluation (spread over the split)"""
+    post_growth_evals: int = 4
+    """extra validations spread over the first quarter of each phase after a growth, to measure the loss spike there (summary: post_growth_spike); 0: none"""
+    log_interval: int = 10
+    """write a training record to metrics.jsonl every this many steps"""
+    checkpoint_every: int = 500
+    """checkpoint every this many global steps (0: only at phase ends)"""
+    keep_checkpoints: int = 2
+    """periodic checkpoints to keep (phase-end ones are always kept)"""
 
     # ---- runtime
-    seed: int = _f(0, "seed of the init, the data split, the batches and the growth")
-    device: str = _f("auto", "'cpu', 'cuda' or 'auto' (cuda when available)")
-    dtype: str = _f("float32", "'float32', or 'bfloat16' (autocast; weights and Adam "
-                    "state stay float32)")
-    threads: int = _f(0, "CPU threads for torch (0: torch's default)")
-    out_dir: str = _f("runs", "parent folder of new run directories")
-    run_dir: str | None = _f(None, "run directory (None: <out_dir>/<name>-<timestamp>)")
-    name: str = _f("run", "name prefix of the generated run directory")
-    progress: bool = _f(True, "show tqdm progress bars")
-    plot: bool = _f(True, "write loss_curve.png (needs matplotlib)")
+    seed: int = 0
+    """seed of the init, the data split, the batches and the growth"""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """'cpu', 'cuda' or 'auto' (cuda when available)"""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """'float32', or 'bfloat16' (autocast; weights and Adam state stay float32)"""
+    threads: int = 0
+    """CPU threads for torch (0: torch's default)"""
+    out_dir: str = "runs"
+    """parent folder of new run directories"""
+    run_dir: Optional[str] = None
+    """run directory (None: <out_dir>/<name>-<timestamp>)"""
+    name: str = "run"
+    """name prefix of the generated run directory"""
+    progress: bool = True
+    """show tqdm progress bars"""
+    plot: bool = True
+    """write loss_curve.png (needs matplotlib)"""
 
     def __post_init__(self) -> None:
-        for f in fields(self):
-            setattr(self, f.name, coerce_field(f.name, getattr(self, f.name)))
-        self._validate()
+        for p in PHASES:
+            if isinstance(getattr(self, p), Mapping):
+                setattr(self, p, PhaseConfig(**getattr(self, p)))
+        if not _CHECKS_DEFERRED.get():
+            self.validate()
 
     # ------------------------------------------------------------------ checks
 
-    def _validate(self) -> None:
-        def need(cond: bool, name: str, fix: str) -> None:
-            if not cond:
-                raise ValueError(
-                    f"TrainConfig.{name}={getattr(self, name)!r} is invalid: {fix}")
+    def validate(self) -> None:
+        """Checks every value and normalizes it (``2.0`` -> ``2`` for a whole number).
 
-        positive = ("bpe_vocab_size", "d_model", "n_layers", "n_heads",
-                    "probe_batch_size", "batch_size", "seq_len", "eval_interval",
-                    "eval_batches", "log_interval", "keep_checkpoints")
-        for name in positive:
-            need(getattr(self, name) >= 1, name, "use a whole number >= 1")
-        for name in ("max_stories", "n_kv_heads", "d_ff"):
-            v = getattr(self, name)
-            need(v is None or v >= 1, name, "use a whole number >= 1 or None")
-        for name in ("steps_phase1", "steps_phase2", "steps_phase3", "checkpoint_every", "threads",
-                     "extra_layers", "seed", "post_growth_evals"):
-            need(getattr(self, name) >= 0, name, "use a whole number >= 0")
-        for name in ("lr_phase1", "lr_phase2", "lr_phase3"):
-            need(0 < getattr(self, name) < 1, name,
-                 "use a learning rate in (0, 1), e.g. 1e-3")
-        need(0 < self.val_fraction < 1, "val_fraction", "use a fraction in (0, 1), e.g. 0.05")
-        need(self.rope_theta > 0, "rope_theta", "use a positive base, e.g. 10000")
-        need(self.aux_loss_coef >= 0, "aux_loss_coef", "use a weight >= 0, e.g. 0.01")
-        need(self.noise_std >= 0, "noise_std", "use a std >= 0, e.g. 1e-5")
-        need(self.check_tolerance > 0, "check_tolerance", "use a tolerance > 0, e.g. 1e-4")
-        need(self.val_tolerance > 0, "val_tolerance", "use a fraction > 0, e.g. 0.02")
-        need(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "use a fraction in [0, 1]")
-        need(self.weight_decay >= 0, "weight_decay", "use a decay >= 0, e.g. 0.1")
-        need(0 <= self.beta1 < 1, "beta1", "use a value in [0, 1), e.g. 0.9")
-        need(0 <= self.beta2 < 1, "beta2", "use a value in [0, 1), e.g. 0.95")
-        need(self.adam_eps > 0, "adam_eps", "use a small positive value, e.g. 1e-8")
-        need(self.grad_clip >= 0, "grad_clip", "use a norm > 0, or 0 to turn clipping off")
+        Raises:
+            ArgumentKindError: A value of the wrong kind (a string or a bool for a number,
+                ...; both a TypeError and a ValueError).
+            ValueError: A value out of range, or sizes that make no valid model.
+        """
+        def check(name: str, helper, *args, **kw) -> None:
+            setattr(self, name, helper(getattr(self, name), f"TrainConfig.{name}", *args, **kw))
 
-        need(self.data.strip() != "", "data",
-             "pass 'embedded', 'hf' or the path of a TinyStories .txt file")
-        for name in ("val_data", "token_cache_dir"):
-            v = getattr(self, name)
-            need(v is None or v.strip() != "", name, "name a file/folder or leave it None")
-        need(self.tokenizer in _TOKENIZERS, "tokenizer", f"use one of {_TOKENIZERS}")
-        need(self.tokenizer != "bpe" or self.bpe_vocab_size > 257, "bpe_vocab_size",
-             "a BPE vocabulary must exceed 257 (256 bytes + end-of-text); use e.g. 4096")
-        need(self.schedule in _SCHEDULES, "schedule", f"use one of {_SCHEDULES}")
-        need(self.device in _DEVICES, "device", f"use one of {_DEVICES}")
-        need(self.dtype in _DTYPES, "dtype", f"use one of {_DTYPES}")
-        need(self.depth_mode in _DEPTH_MODES, "depth_mode", f"use one of {_DEPTH_MODES}")
-        need(self.out_dir.strip() != "", "out_dir", "name a folder, e.g. 'runs'")
-        need(self.name.strip() != "" and os.sep not in self.name and "/" not in self.name,
-             "name", "use a plain name without path separators, e.g. 'tiny'")
-
-        # Model shape: the same rules ModelConfig enforces, but named after our fields.
-        need(self.d_model % self.n_heads == 0, "n_heads",
-             f"n_heads must divide d_model={self.d_model}; e.g. n_heads="
-             f"{_largest_divisor_at_most(self.d_model, self.n_heads)}")
-        head_dim = self.d_model // self.n_heads
-        need(head_dim % 2 == 0, "n_heads",
-             f"d_model / n_heads = {head_dim} must be even (RoPE rotates pairs); "
-             "use fewer heads or a larger d_model")
-        if self.n_kv_heads is not None:
-            need(self.n_heads % self.n_kv_heads == 0, "n_kv_heads",
-                 f"n_kv_heads must divide n_heads={self.n_heads}")
-        need(self.n_experts >= 2, "n_experts",
-             "phase 2 upcycles into a mixture: use a whole number >= 2, e.g. 4")
-        need(1 <= self.top_k <= self.n_experts, "top_k",
-             f"use 1 <= top_k <= n_experts={self.n_experts}, e.g. 2")
-        need(self.scale_factor >= 2, "scale_factor",
-             "HyperCloning tiles whole copies: use a whole number >= 2, e.g. 2")
-        for p in (1, 2, 3):
-            need(0 <= getattr(self, f"warmup_frac_phase{p}") < 1, f"warmup_frac_phase{p}",
-                 "use a fraction of the phase's steps in [0, 1), e.g. 0.05")
-        if self.run_dir is not None:
-            need(self.run_dir.strip() != "", "run_dir", "name a folder or leave it None")
+        for name in ("data", "out_dir", "name"):
+            check(name, _text)
+        if os.sep in self.name or "/" in self.name:
+            raise ValueError(f"TrainConfig.name={self.name!r} must be a plain name without "
+                             "path separators, e.g. 'tiny'")
+        for name in ("val_data", "token_cache_dir", "run_dir"):
+            check(name, _text, optional=True)
+        for name in ("tie_embeddings", "continue_on_failed_check", "reset_optimizer",
+                     "progress", "plot"):
+            check(name, flag)
+        for name, choices in (("tokenizer", ("byte", "bpe")), ("depth_mode", ("identity", "stack")),
+                              ("schedule", ("cosine", "constant")),
+                              ("device", ("auto", "cpu", "cuda")), ("dtype", ("float32", "bfloat16"))):
+            check(name, choice, choices)
+        # Sizes ModelConfig checks (positive, dividing, even head_dim, top_k <= n_experts):
+        # only their kind here, the rules below, from the ModelConfigs they build.
+        for name in ("d_model", "n_layers", "n_heads", "top_k"):
+            check(name, whole_number)
+        for name in ("n_kv_heads", "d_ff"):
+            if getattr(self, name) is not None:
+                check(name, whole_number)
+        for name in ("rope_theta", "aux_loss_coef"):
+            check(name, real_number)
+        for name in ("batch_size", "seq_len", "probe_batch_size", "eval_interval",
+                     "eval_batches", "log_interval", "keep_checkpoints"):
+            check(name, whole_number, min=1)
+        for name in ("extra_layers", "checkpoint_every", "threads", "post_growth_evals"):
+            check(name, whole_number, min=0)
+        if self.max_stories is not None:
+            check("max_stories", whole_number, min=1, hint="or None for all")
+        bpe = self.tokenizer == "bpe"
+        check("bpe_vocab_size", whole_number, min=258 if bpe else 1,
+              hint="a BPE vocabulary holds 256 bytes, end-of-text and merges; e.g. 4096" if bpe else "")
+        check("n_experts", whole_number, min=2, hint="phase 2 upcycles into a mixture; e.g. 4")
+        check("scale_factor", whole_number, min=2, hint="HyperCloning tiles whole copies; e.g. 2")
+        check("seed", seed)
+        check("val_fraction", real_number, above=0, below=1, hint="e.g. 0.05")
+        check("noise_std", real_number, min=0, hint="e.g. 1e-5")
+        check("check_tolerance", real_number, above=0, hint="e.g. 1e-4")
+        check("val_tolerance", real_number, above=0, hint="e.g. 0.02")
+        check("min_lr_ratio", real_number, min=0, max=1)
+        check("weight_decay", real_number, min=0, hint="e.g. 0.1")
+        check("beta1", real_number, min=0, below=1, hint="e.g. 0.9")
+        check("beta2", real_number, min=0, below=1, hint="e.g. 0.95")
+        check("adam_eps", real_number, above=0, hint="e.g. 1e-8")
+        check("grad_clip", real_number, min=0, hint="0 turns clipping off")
+        for p in PHASES:
+            ph = getattr(self, p)
+            if not isinstance(ph, PhaseConfig):
+                raise ArgumentKindError(f"TrainConfig.{p} must be a PhaseConfig or a mapping of "
+                                f"steps, lr, warmup_frac, got {ph!r}")
+            where = f"TrainConfig.{p}"
+            ph.steps = whole_number(ph.steps, f"{where}.steps", min=0)
+            ph.lr = real_number(ph.lr, f"{where}.lr", above=0, below=1, hint="e.g. 1e-3")
+            ph.warmup_frac = real_number(ph.warmup_frac, f"{where}.warmup_frac", min=0, below=1,
+                                   hint="a fraction of the phase's steps, e.g. 0.05")
+        vocab = self.bpe_vocab_size if bpe else 257
+        for phase in (1, 2):
+            try:
+                self.model_config(vocab, phase=phase)
+            except ValueError as e:
+                raise ValueError(f"TrainConfig gives an invalid phase-{phase} model: {e} "
+                                 "(the model fields have the same names here; max_seq_len "
+                                 "is seq_len)") from None
 
     def check_runtime(self) -> None:
         """Checks what depends on this machine; raises ValueError naming the field.
@@ -297,18 +358,18 @@ class TrainConfig:
             return "cuda" if torch.cuda.is_available() else "cpu"
         return self.device
 
-    def steps(self, phase: int) -> int:
-        return int(getattr(self, f"steps_phase{phase}"))
+    def phase(self, p: int) -> PhaseConfig:
+        """The settings of phase ``p`` (1, 2 or 3)."""
+        return getattr(self, f"phase{p}")
 
-    def lr(self, phase: int) -> float:
-        return float(getattr(self, f"lr_phase{phase}"))
+    def warmup(self, p: int) -> int:
+        """Warmup steps of phase ``p``: its fraction of the phase's steps, rounded."""
+        ph = self.phase(p)
+        return int(round(ph.warmup_frac * ph.steps))
 
-    def warmup(self, phase: int) -> int:
-        """Warmup steps of ``phase``: its fraction of the phase's steps, rounded."""
-        return int(round(getattr(self, f"warmup_frac_phase{phase}") * self.steps(phase)))
-
-    def model_config(self, vocab_size: int):
-        """The phase-1 dense :class:`growkit.models.ModelConfig`."""
+    def model_config(self, vocab_size: int, phase: int = 1):
+        """The phase-1 dense :class:`growkit.models.ModelConfig`; ``phase=2``: its shape
+        upcycled to ``n_experts`` experts (top ``top_k``), as the checks see it."""
         from growkit.models import ModelConfig
 
         return ModelConfig(
@@ -318,7 +379,7 @@ class TrainConfig:
             n_heads=self.n_heads,
             n_kv_heads=self.n_kv_heads,
             d_ff=self.d_ff,
-            n_experts=0,
+            n_experts=0 if phase == 1 else self.n_experts,
             top_k=self.top_k,
             tie_embeddings=self.tie_embeddings,
             rope_theta=self.rope_theta,
@@ -329,6 +390,7 @@ class TrainConfig:
     # ------------------------------------------------------------------ I/O
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field; the phases as nested dicts (``{"phase1": {"steps": ...}}``)."""
         return dataclasses.asdict(self)
 
     def to_json_str(self) -> str:
@@ -338,142 +400,124 @@ class TrainConfig:
     def from_dict(cls, d: Mapping[str, Any], base: "TrainConfig | None" = None) -> "TrainConfig":
         """``base`` (default: the defaults) with the keys of ``d`` replaced.
 
+        Keys are field names (``-`` or ``_``); phase settings nested
+        (``{"phase1": {"steps": 5}}``, the other settings of that phase kept from
+        ``base``), dotted (``"phase1.steps"``) or flat as in earlier versions
+        (``"steps_phase1"``).
+
         Raises:
-            ValueError: On unknown keys (a typo would otherwise be ignored) or bad values.
+            ValueError: On unknown keys (a typo would otherwise be ignored), naming them.
+            TypeError, ValueError: On bad values (see :meth:`validate`).
         """
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            hints = []
-            for k in unknown:
-                alt = str(k).replace("-", "_")
-                if alt in known:
-                    hints.append(f"{k!r} -> use {alt!r}")
-            hint = f" ({'; '.join(hints)})" if hints else ""
-            raise ValueError(
-                f"unknown TrainConfig keys {unknown}{hint}; valid keys are {sorted(known)}")
         merged = (base or cls()).to_dict()
-        merged.update(d)
+        for key, value in _nested_keys(d).items():
+            if key in PHASES:
+                merged[key].update(value)
+            else:
+                merged[key] = value
         return cls(**merged)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, base: "TrainConfig | None" = None) -> "TrainConfig":
-        return cls.from_dict(load_config_file(path), base=base)
-
-
-def _largest_divisor_at_most(n: int, k: int) -> int:
-    for c in range(min(n, k), 0, -1):
-        if n % c == 0 and (n // c) % 2 == 0:
-            return c
-    return 1
+        """``base`` with the settings of a JSON or YAML file (errors name the file)."""
+        data = load_config_file(path)
+        try:
+            return cls.from_dict(data, base=base)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"--config {str(path)!r}: {e}") from None
 
 
 # ---------------------------------------------------------------------------
-# Field types and value coercion (shared by files and the command line)
+# Checks (growkit.validate, plus text fields)
 # ---------------------------------------------------------------------------
 
-_HINTS: dict[str, Any] | None = None
+def _text(value, name: str, optional: bool = False) -> str | None:
+    """A non-blank string; for an optional field, blank, 'none' or 'null' mean None."""
+    if optional and (value is None or isinstance(value, str)
+                     and value.strip().lower() in ("", "none", "null")):
+        return None
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str):
+        raise ArgumentKindError(f"{name} must be a string, got {value!r}")
+    if not value.strip():
+        raise ValueError(f"{name} is blank: name a file or folder"
+                         f"{' or leave it None' if optional else ''}")
+    return value
 
 
-def _field_types() -> dict[str, tuple[type, bool]]:
-    """field name -> (base type, optional)."""
-    global _HINTS
-    if _HINTS is None:
-        hints = typing.get_type_hints(TrainConfig)
-        out = {}
-        for name, hint in hints.items():
-            args = typing.get_args(hint)
-            if args and type(None) in args:
-                base = next(a for a in args if a is not type(None))
-                out[name] = (base, True)
-            else:
-                out[name] = (hint, False)
-        _HINTS = out
-    return _HINTS
+# ---------------------------------------------------------------------------
+# Keys of files and dicts: flat, dotted or nested
+# ---------------------------------------------------------------------------
+
+_TOP_FIELDS = frozenset(f.name for f in fields(TrainConfig))
+_PHASE_FIELDS = frozenset(f.name for f in fields(PhaseConfig))
 
 
-_TRUE = ("1", "true", "yes", "on")
-_FALSE = ("0", "false", "no", "off")
+def _nested_keys(d: Mapping[str, Any]) -> dict[str, Any]:
+    """``d`` with the phase settings gathered per phase: ``{"phase1": {"steps": 5}, ...}``.
 
-
-def coerce_field(name: str, value: Any) -> Any:
-    """Converts ``value`` to field ``name``'s type, or raises ValueError naming the field.
-
-    Accepts what files and the command line produce: strings for any type
-    (``"1e-3"``, which YAML 1.1 reads as a string, ``"true"``, ``"none"``), ints for
-    floats, and floats with an integral value for ints. Never accepts a bool where a
-    number is expected.
+    Raises:
+        ValueError: Naming every key that is no field (after ``-`` -> ``_`` and the
+            flat -> nested renaming of :data:`LEGACY_KEYS`).
     """
-    types = _field_types()
-    if name not in types:
-        raise ValueError(f"unknown TrainConfig field {name!r}")
-    base, optional = types[name]
-    if value is None or (optional and isinstance(value, str)
-                         and value.strip().lower() in ("none", "null", "")):
-        if optional:
-            return None
-        raise ValueError(f"TrainConfig.{name} must not be None; give a {base.__name__}")
+    out: dict[str, Any] = {}
+    unknown: list[str] = []
 
-    def bad(why: str = "") -> ValueError:
-        return ValueError(
-            f"TrainConfig.{name}={value!r} is invalid: expected "
-            f"{'a ' + base.__name__}{' or None' if optional else ''}{why}")
-
-    if base is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
-            return value.strip().lower() in _TRUE
-        raise bad(" (true/false)")
-    if base is int:
-        if isinstance(value, bool):
-            raise bad()
-        if isinstance(value, int):
-            return int(value)
-        if isinstance(value, float):
-            if math.isfinite(value) and value.is_integer():
-                return int(value)
-            raise bad(" (a whole number)")
-        if isinstance(value, str):
-            s = value.strip().replace("_", "")
-            try:
-                return int(s)
-            except ValueError:
-                try:
-                    fv = float(s)
-                except ValueError:
-                    raise bad() from None
-                if math.isfinite(fv) and fv.is_integer():
-                    return int(fv)
-                raise bad(" (a whole number)") from None
-        raise bad()
-    if base is float:
-        if isinstance(value, bool):
-            raise bad()
-        if isinstance(value, (int, float)):
-            fv = float(value)
-        elif isinstance(value, str):
-            try:
-                fv = float(value.strip())
-            except ValueError:
-                raise bad() from None
+    def put(key: str, value: Any) -> None:
+        phase, dot, sub = key.partition(".")
+        if dot and phase in PHASES and sub in _PHASE_FIELDS:
+            out.setdefault(phase, {})[sub] = value
+        elif not dot and key in _TOP_FIELDS:
+            out[key] = value
         else:
-            raise bad()
-        if not math.isfinite(fv):
-            raise bad(" (finite)")
-        return fv
-    if base is str:
-        if isinstance(value, os.PathLike):
-            return os.fspath(value)
-        if not isinstance(value, str):
-            raise bad()
-        return value
-    raise bad()  # pragma: no cover - every field type is handled above
+            unknown.append(key)
+
+    if not isinstance(d, Mapping):
+        raise ArgumentKindError(f"TrainConfig settings must be a mapping of field names to values, "
+                        f"got {type(d).__name__}")
+    for raw, value in d.items():
+        key = LEGACY_KEYS.get(str(raw).replace("-", "_"), str(raw).replace("-", "_"))
+        if key in PHASES:
+            if isinstance(value, PhaseConfig):
+                value = dataclasses.asdict(value)
+            if not isinstance(value, Mapping):
+                raise ArgumentKindError(f"TrainConfig.{key} must be a mapping of "
+                                f"{sorted(_PHASE_FIELDS)}, got {value!r}")
+            out.setdefault(key, {})
+            for sub, v in value.items():
+                put(f"{key}.{str(sub).replace('-', '_')}", v)
+        else:
+            put(key, value)
+    if unknown:
+        valid = sorted(_TOP_FIELDS - set(PHASES)) + [f"{p}.{s}" for p in PHASES
+                                                      for s in sorted(_PHASE_FIELDS)]
+        raise ValueError(f"unknown TrainConfig keys {unknown}; valid keys are {valid} (or "
+                         "the flat steps_phase1, lr_phase1, warmup_frac_phase1, ...)")
+    return out
+
+
+def flatten_config(d: Mapping[str, Any]) -> dict[str, Any]:
+    """A stored config (``to_dict()``, or the flat dict of earlier versions) with dotted
+    phase keys: ``{"phase1.steps": 1200, ..., "d_model": 64}``."""
+    out = {}
+    for k, v in d.items():
+        k = LEGACY_KEYS.get(k, k)
+        if k in PHASES and isinstance(v, Mapping):
+            out.update({f"{k}.{s}": sv for s, sv in v.items()})
+        else:
+            out[k] = v
+    return out
 
 
 # ---------------------------------------------------------------------------
 # Presets
 # ---------------------------------------------------------------------------
+
+def _phases(steps, lrs, warmups) -> dict[str, dict[str, Any]]:
+    return {p: {"steps": s, "lr": lr, "warmup_frac": w}
+            for p, s, lr, w in zip(PHASES, steps, lrs, warmups)}
+
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The README's main job: end to end on a 2-core CPU in well under 5 minutes,
@@ -481,9 +525,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(
         name="tiny", d_model=64, n_layers=2, n_heads=4, seq_len=64, batch_size=16,
         n_experts=4, top_k=2, scale_factor=2, extra_layers=2,
-        steps_phase1=1200, steps_phase2=300, steps_phase3=300,
-        lr_phase1=3e-3, lr_phase2=5e-4, lr_phase3=3e-4,
-        warmup_frac_phase1=0.08, warmup_frac_phase2=0.05, warmup_frac_phase3=0.05,
+        **_phases((1200, 300, 300), (3e-3, 5e-4, 3e-4), (0.08, 0.05, 0.05)),
         eval_interval=100, eval_batches=8, log_interval=10, checkpoint_every=500,
         device="cpu", dtype="float32",
     ),
@@ -491,9 +533,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "small": dict(
         name="small", d_model=128, n_layers=4, n_heads=4, seq_len=128, batch_size=32,
         n_experts=4, top_k=2, scale_factor=2, extra_layers=4,
-        steps_phase1=4000, steps_phase2=1000, steps_phase3=1000,
-        lr_phase1=2e-3, lr_phase2=5e-4, lr_phase3=3e-4,
-        warmup_frac_phase1=0.05, warmup_frac_phase2=0.05, warmup_frac_phase3=0.05,
+        **_phases((4000, 1000, 1000), (2e-3, 5e-4, 3e-4), (0.05, 0.05, 0.05)),
         eval_interval=250, eval_batches=16, log_interval=10, checkpoint_every=1000,
         device="auto", dtype="float32",
     ),
@@ -501,9 +541,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gpu": dict(
         name="gpu", d_model=256, n_layers=6, n_heads=8, seq_len=256, batch_size=64,
         n_experts=8, top_k=2, scale_factor=2, extra_layers=6,
-        steps_phase1=10000, steps_phase2=3000, steps_phase3=3000,
-        lr_phase1=1e-3, lr_phase2=3e-4, lr_phase3=2e-4,
-        warmup_frac_phase1=0.05, warmup_frac_phase2=0.03, warmup_frac_phase3=0.03,
+        **_phases((10000, 3000, 3000), (1e-3, 3e-4, 2e-4), (0.05, 0.03, 0.03)),
         eval_interval=500, eval_batches=32, log_interval=20, checkpoint_every=2000,
         device="cuda", dtype="bfloat16",
     ),
@@ -511,15 +549,35 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def preset_config(name: str, **overrides: Any) -> TrainConfig:
-    """The preset ``name`` with ``overrides`` applied."""
+    """The preset ``name`` with ``overrides`` applied (keys as in :meth:`TrainConfig.from_dict`)."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; use one of {sorted(PRESETS)}")
-    return TrainConfig.from_dict({**PRESETS[name], **overrides})
+    return TrainConfig.from_dict(overrides, base=TrainConfig.from_dict(PRESETS[name]))
+
+
+def base_config(preset: str | None = None, config: str | os.PathLike | None = None) -> TrainConfig:
+    """The layers under the flags: the defaults, then ``preset``, then the file ``config``."""
+    cfg = preset_config(preset) if preset else TrainConfig()
+    return TrainConfig.from_file(config, base=cfg) if config else cfg
 
 
 # ---------------------------------------------------------------------------
 # Files
 # ---------------------------------------------------------------------------
+
+def _yaml_loader():
+    """PyYAML's safe loader, also reading ``2e-4`` (no dot) as a float, as YAML 1.2 does
+    (YAML 1.1 reads it as a string)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float", re.compile(r"^[-+]?(\d[\d_]*\.?\d*|\.\d+)[eE][-+]?\d+$"),
+        list("-+0123456789."))
+    return Loader
+
 
 def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
     """Reads a JSON (``.json``) or YAML (``.yaml``/``.yml``) mapping of field values.
@@ -540,7 +598,7 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
                 f"--config {str(path)!r} is YAML, which needs PyYAML: pip install pyyaml "
                 "(or write the config as JSON)") from None
         try:
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_yaml_loader())  # noqa: S506 - a SafeLoader
         except yaml.YAMLError as e:
             raise ValueError(f"--config {str(path)!r} is not valid YAML: {e}") from None
     elif suffix == ".json":
@@ -561,104 +619,134 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------
-# Command line
+# Command line (tyro)
 # ---------------------------------------------------------------------------
 
-#: Fields a resumed run may change; every other field must match the stored config,
-#: because changing it would make the resumed run differ from an uninterrupted one.
-RESUME_OVERRIDABLE = frozenset({
-    "device", "progress", "plot", "continue_on_failed_check", "checkpoint_every",
-    "keep_checkpoints", "threads", "token_cache_dir",
-})
+def _tyro_conf(t, marker):
+    """``Annotated[t, marker(tyro.conf)]`` when tyro is installed (the cli extra), else ``t``."""
+    try:
+        import tyro
+    except ImportError:  # pragma: no cover - parse_args says how to install it
+        return t
+    return Annotated[t, marker(tyro.conf)]
 
 
-def _parse_for(name: str):
-    def parse(s: str) -> Any:
-        try:
-            return coerce_field(name, s)
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
-
-    parse.__name__ = name  # argparse shows it in "invalid <name> value"
-    return parse
+def _no_prefix(t):  # --d-model, not --cfg.d-model
+    return _tyro_conf(t, lambda conf: conf.arg(name=""))
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """Adds ``--config``, ``--preset``, ``--resume`` and one flag per TrainConfig field.
-
-    Each field ``steps_phase1`` is accepted as ``--steps-phase1`` and ``--steps_phase1``;
-    bool fields also get a ``--no-`` form. Unset flags are absent from the namespace
-    (``argparse.SUPPRESS``), so only what the user typed overrides the file and preset.
-    """
-    run = parser.add_argument_group("run")
-    run.add_argument("--config", metavar="FILE", default=None,
-                     help="JSON or YAML file of field values (applied after --preset)")
-    run.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                     help="start from a preset: tiny (CPU, < 5 min), small, gpu")
-    run.add_argument("--resume", metavar="RUN_DIR", default=None,
-                     help="continue the run in RUN_DIR from its latest checkpoint")
-    run.add_argument("--print-config", action="store_true",
-                     help="print the resolved config as JSON and exit")
-    group = parser.add_argument_group("TrainConfig fields")
-    types = _field_types()
-    for f in fields(TrainConfig):
-        base, optional = types[f.name]
-        dashed, under = "--" + f.name.replace("_", "-"), "--" + f.name
-        help_text = f"{f.metadata.get('help', '')} (default: {f.default!r})"
-        if base is bool:
-            kw = dict(action=argparse.BooleanOptionalAction)
-        else:
-            choices = _CHOICES.get(f.name)
-            metavar = "{" + ",".join(choices) + "}" if choices else \
-                {int: "INT", float: "FLOAT", str: "STR"}[base]
-            kw = dict(type=_parse_for(f.name), choices=choices, metavar=metavar)
-        group.add_argument(dashed, dest=f.name, default=argparse.SUPPRESS, help=help_text, **kw)
-        if under != dashed:  # the underscore spelling works too, unlisted in --help
-            group.add_argument(under, dest=f.name, default=argparse.SUPPRESS,
-                               help=argparse.SUPPRESS, **kw)
+def _switch(t):  # --print-config alone, no --no-print-config
+    return _tyro_conf(t, lambda conf: conf.FlagCreatePairsOff)
 
 
-def _explicit_fields(ns: argparse.Namespace) -> dict[str, Any]:
-    names = {f.name for f in fields(TrainConfig)}
-    return {k: v for k, v in vars(ns).items() if k in names}
+@dataclass
+class TrainArgs:
+    """The command line: how to start, and the config (its fields as flags, no prefix)."""
+
+    cfg: _no_prefix(TrainConfig)
+    config: Optional[str] = None
+    """JSON or YAML file of settings (keys: field names, e.g. phase1: {steps: 100} or steps_phase1: 100), applied after --preset"""
+    preset: Optional[Literal["tiny", "small", "gpu"]] = None
+    """start from a preset: tiny (CPU, < 5 min), small, gpu"""
+    resume: Optional[str] = None
+    """continue the run in this directory from its latest checkpoint, with its stored config (only the RESUME_OVERRIDABLE flags may change)"""
+    print_config: _switch(bool) = False
+    """print the resolved config as JSON and exit"""
 
 
-def config_from_namespace(ns: argparse.Namespace) -> TrainConfig:
-    """Defaults, then ``--preset``, then ``--config``, then the flags the user typed."""
-    base = preset_config(ns.preset) if getattr(ns, "preset", None) else TrainConfig()
-    if getattr(ns, "config", None):
-        base = TrainConfig.from_file(ns.config, base=base)
-    return TrainConfig.from_dict(_explicit_fields(ns), base=base)
+_LEGACY_FLAG = re.compile(r"^--(steps|lr|warmup[-_]frac)[-_]phase([123])(=.*)?$", re.DOTALL)
 
 
-def resume_overrides(ns: argparse.Namespace, stored: TrainConfig) -> TrainConfig:
-    """The stored config of a resumed run with the allowed command-line changes.
+def legacy_to_nested(argv: Sequence[str]) -> list[str]:
+    """``--steps-phase1 100`` -> ``--phase1.steps 100``, likewise ``--lr-phaseN`` and
+    ``--warmup-frac-phaseN`` (each also with underscores, and in the ``--flag=value``
+    form): the flat flags of earlier versions, as the nested flags tyro knows."""
+    out = []
+    for i, tok in enumerate(argv):
+        if tok == "--":
+            return out + list(argv[i:])
+        m = _LEGACY_FLAG.match(tok)
+        out.append(f"--phase{m[2]}.{m[1].replace('_', '-')}{m[3] or ''}" if m else tok)
+    return out
+
+
+def peek_run_options(argv: Sequence[str]) -> dict[str, str | None]:
+    """The values of ``--preset``, ``--config`` and ``--resume`` in ``argv`` (the last one
+    given; None if absent): they decide the defaults tyro then parses the flags against."""
+    found: dict[str, str | None] = dict.fromkeys(("preset", "config", "resume"))
+    argv = list(argv)
+    for i, tok in enumerate(argv):
+        if tok == "--":
+            break
+        option, eq, value = tok.partition("=")
+        if option.startswith("--") and option[2:] in found:
+            found[option[2:]] = value if eq else (argv[i + 1] if i + 1 < len(argv) else None)
+    return found
+
+
+def parse_args(argv: Sequence[str], base: TrainConfig, prog: str = "train_tinystories.py",
+               description: str = "") -> TrainArgs:
+    """Parses ``argv`` (after :func:`legacy_to_nested`) with tyro, the flags overriding
+    ``base`` (see :func:`base_config`); the config's checks run after parsing.
 
     Raises:
-        ValueError: If ``--preset``/``--config`` is given, or a flag changes a field
-            outside :data:`RESUME_OVERRIDABLE` to a different value.
+        SystemExit: ``--help``, or a flag tyro cannot parse (tyro prints why).
+        ImportError: tyro is not installed.
+        TypeError, ValueError: A value the config's checks refuse.
     """
-    if getattr(ns, "preset", None) or getattr(ns, "config", None):
-        raise ValueError(
-            "--resume continues a run with its stored config.json; drop --preset/--config")
-    explicit = _explicit_fields(ns)
-    changed = sorted(k for k, v in explicit.items()
-                     if k not in RESUME_OVERRIDABLE and getattr(stored, k) != v)
+    try:
+        import tyro
+    except ImportError:
+        raise ImportError("the training command line needs tyro, in the cli extra: pip "
+                          "install 'growkit[cli]'") from None
+    opts = peek_run_options(argv)
+    default = TrainArgs(cfg=base, config=opts["config"], preset=opts["preset"],
+                        resume=opts["resume"])
+    token = _CHECKS_DEFERRED.set(True)
+    try:
+        args = tyro.cli(TrainArgs, args=list(argv), default=default, prog=prog,
+                        description=description)
+    finally:
+        _CHECKS_DEFERRED.reset(token)
+    args.cfg.validate()
+    return args
+
+
+def parse_command_line(argv: Sequence[str], stored: TrainConfig | None = None,
+                       prog: str = "train_tinystories.py", description: str = "") -> TrainArgs:
+    """The whole command line: defaults < ``--preset`` < ``--config`` < flags, or, for a
+    resumed run (``stored``: its config), the stored config < flags, which may change only
+    :data:`RESUME_OVERRIDABLE` fields. Flat flags of earlier versions are accepted.
+
+    Raises:
+        SystemExit, ImportError, TypeError, ValueError: As :func:`parse_args`; ValueError
+            also for ``--preset``/``--config`` with ``--resume``, or a flag that would
+            change a resumed run.
+    """
+    argv = legacy_to_nested(argv)
+    opts = peek_run_options(argv)
+    if stored is not None and (opts["preset"] or opts["config"]):
+        raise ValueError("--resume continues a run with its stored config.json; drop "
+                         "--preset/--config")
+    base = stored if stored is not None else base_config(opts["preset"], opts["config"])
+    args = parse_args(argv, base, prog=prog, description=description)
+    if stored is not None:
+        resume_overrides(args.cfg, stored)
+    return args
+
+
+def resume_overrides(cfg: TrainConfig, stored: TrainConfig) -> TrainConfig:
+    """``cfg`` (the stored config of a resumed run with the flags applied), if the flags
+    changed only :data:`RESUME_OVERRIDABLE` fields.
+
+    Raises:
+        ValueError: Naming each other field a flag changed.
+    """
+    old, new = flatten_config(stored.to_dict()), flatten_config(cfg.to_dict())
+    changed = sorted(k for k, v in new.items() if k not in RESUME_OVERRIDABLE and old.get(k) != v)
     if changed:
         raise ValueError(
             f"--resume cannot change {changed} (the resumed run would no longer match the "
             f"interrupted one); only {sorted(RESUME_OVERRIDABLE)} may change. Start a new "
             "run to change the others")
-    return TrainConfig.from_dict(explicit, base=stored)
-
-
-def build_parser(prog: str = "train_tinystories.py") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description="Three-phase TinyStories training: a dense model, upcycled to a "
-        "mixture of experts, then grown wider and deeper; every growth is verified. "
-        "Settings apply in the order defaults < --preset < --config < flags; every flag "
-        "also accepts underscores (--steps_phase1).",
-    )
-    add_config_arguments(parser)
-    return parser
+    return cfg

@@ -51,6 +51,7 @@ import numpy as np
 import torch
 
 from growkit.files import atomic_write, atomic_write_text
+from growkit.validate import real_number, whole_number
 
 __all__ = [
     "EOT_TOKEN",
@@ -129,9 +130,7 @@ class MissingDataFileError(DataSourceError, FileNotFoundError):
 def _check_positive_int(name: str, value, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
-    # bool is an int subclass; True as a count is always a mistake.
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    whole_number(value, name, min=1)  # TypeError for a bool or a fraction
 
 
 def iter_stories(f: io.TextIOBase) -> Iterator[str]:
@@ -408,9 +407,8 @@ def split_indices(n: int, val_fraction: float = 0.05, seed: int = 0
     Raises:
         ValueError: If ``val_fraction`` is outside (0, 1) or ``n < 2``.
     """
-    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) \
-            or not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
+    if real_number(val_fraction, "val_fraction", above=0) >= 1:
+        raise ValueError(f"val_fraction must be a finite number > 0 and < 1, got {val_fraction!r}")
     if n < 2:
         raise ValueError(
             f"need at least 2 stories to split into train and validation, got {n}; "

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from growkit.files import atomic_write_text
+from growkit.validate import whole_number
 
 __all__ = [
     "parameter_counts",
@@ -84,8 +85,7 @@ def training_flops_per_token(model_config, seq_len: int) -> float:
         model_config: A :class:`growkit.models.ModelConfig` (dense or MoE).
         seq_len: Tokens per training sequence.
     """
-    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
-        raise ValueError(f"seq_len must be a positive int, got {seq_len!r}")
+    seq_len = whole_number(seq_len, "seq_len", min=1)
     c = model_config
     n_active = parameter_counts(c)["active"]
     attention = 12 * c.n_layers * c.n_heads * c.head_dim * seq_len
@@ -106,7 +106,7 @@ def post_growth_spikes(records: Iterable[dict[str, Any]],
 
     Args:
         records: ``metrics.jsonl`` records (:class:`MetricsLog`).
-        phase_steps: Training steps of each phase, ``{2: steps_phase2, 3: ...}``.
+        phase_steps: Training steps of each phase, ``{2: cfg.phase2.steps, 3: ...}``.
 
     Returns:
         ``{"phase<p>": {...}}`` with ``post_growth_spike``, ``max_val_first_quarter``,

@@ -3,7 +3,7 @@
 
     python train_tinystories.py --preset tiny                 # ~2 min on a 2-core CPU
     python train_tinystories.py --preset tiny --data /path/to/TinyStories-train.txt
-    python train_tinystories.py --config run.yaml --steps-phase1 500
+    python train_tinystories.py --config run.yaml --phase1.steps 500   # or --steps-phase1 500
     python train_tinystories.py --resume runs/tiny-20250101-120000
 
 A run directory holds ``config.json`` (the resolved :class:`TrainConfig`),
@@ -12,7 +12,7 @@ A run directory holds ``config.json`` (the resolved :class:`TrainConfig`),
 ``latest.json``, ``loss_curve.png``, ``final/`` (the last model and its tokenizer) and
 ``summary.json``.
 
-Exit status (:data:`EXIT_STATUS_HELP`, also at the end of ``--help``):
+Exit status (:data:`EXIT_STATUS_HELP`, also in ``--help``):
 
     0    the run completed
     1    a growth check failed (and ``--continue-on-failed-check`` was not given)
@@ -27,7 +27,9 @@ Exit status (:data:`EXIT_STATUS_HELP`, also at the end of ``--help``):
     70   an unexpected error, i.e. a bug (the traceback is printed, then one line)
     130  interrupted (resume with ``--resume RUN_DIR``)
 
-Every failure prints one line to stderr (``error: ...``). A resumed run first removes the
+Every failure prints one line to stderr (``error: ...``), except a flag the command line
+cannot parse (an unknown flag, a word for a number, a choice not offered), which tyro
+reports with the flag's help (exit 2 too). A resumed run first removes the
 unfinished checkpoint folders an interrupted save left (``checkpoints/.step-*.tmp``),
 then starts from the newest checkpoint that verifies: when the one ``latest.json`` names
 is damaged it says so and falls back to an older one.
@@ -36,7 +38,6 @@ is damaged it says so and falls back to an older one.
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import sys
 import time
@@ -52,12 +53,7 @@ from .checkpoint import (
     clean_orphans,
     select_checkpoint,
 )
-from .config import (
-    TrainConfig,
-    build_parser,
-    config_from_namespace,
-    resume_overrides,
-)
+from .config import TrainConfig, parse_command_line, peek_run_options
 from .metrics import post_growth_spikes, read_metrics
 from .trainer import GrowthCheckFailed, Trainer
 
@@ -82,6 +78,14 @@ EXIT_STATUS_HELP = (
     "checkpoint, or different data); 70 internal error (a bug; the traceback is printed); "
     "130 interrupted. A resumed run falls back to the "
     "newest checkpoint that verifies and says so.")
+
+DESCRIPTION = (
+    "Three-phase TinyStories training: a dense model, upcycled to a mixture of experts, "
+    "then grown wider and deeper; every growth is verified. Settings apply in the order "
+    "defaults < --preset < --config < flags; flags accept - or _ (--d-model, --d_model), and "
+    "the flat per-phase flags of earlier versions (--steps-phase1, --lr-phase2, "
+    "--warmup-frac-phase3) mean --phase1.steps, --phase2.lr, --phase3.warmup-frac. "
+    + EXIT_STATUS_HELP)
 
 
 def _resume_code(e: ResumeError) -> int:
@@ -132,8 +136,8 @@ def _summary(trainer: Trainer, status: str, wall_s: float, message: str | None) 
     for key, mdict in sorted(s.get("phase_models", {}).items()):
         p = int(key)
         phases[key] = {
-            "steps": cfg.steps(p),
-            "lr": cfg.lr(p),
+            "steps": cfg.phase(p).steps,
+            "lr": cfg.phase(p).lr,
             "final_val_loss": s["final_val_loss"].get(key),
             "model": trainer.model_summary(ModelConfig.from_dict(mdict)),
             "model_config": mdict,
@@ -166,7 +170,7 @@ def _summary(trainer: Trainer, status: str, wall_s: float, message: str | None) 
 def _growth_with_spikes(trainer: Trainer) -> dict[str, Any]:
     """The state's growth records plus each growth's loss spike (metrics.post_growth_spikes)."""
     growth = {k: dict(v) for k, v in trainer.state.get("growth", {}).items()}
-    steps = {p: trainer.cfg.steps(p) for p in (1, 2, 3)}
+    steps = {p: trainer.cfg.phase(p).steps for p in (1, 2, 3)}
     for key, sp in post_growth_spikes(read_metrics(trainer.run_dir / "metrics.jsonl"),
                                       steps).items():
         growth.setdefault(key, {}).update(
@@ -273,7 +277,7 @@ def run(cfg: TrainConfig, resume_dir: str | Path | None = None) -> int:
         try:
             png = plot_run(read_metrics(run_dir / "metrics.jsonl"), run_dir / "loss_curve.png",
                            title=f"{run_dir.name}: {desc}",
-                           phase_steps={p: cfg.steps(p) for p in (1, 2, 3)})
+                           phase_steps={p: cfg.phase(p).steps for p in (1, 2, 3)})
             summary["plot"] = png.name if png is not None else None
         except Exception as e:  # a plot must never lose a finished run
             print(f"note: could not draw loss_curve.png: {e}", file=sys.stderr)
@@ -323,69 +327,53 @@ def _resume_point(run_dir: Path, cfg: TrainConfig):
     return point
 
 
-# A value that argparse would take for an option: -1e-3, -.5, -inf (plain -1 it accepts).
-_NEGATIVE = re.compile(r"^-(\d|\.\d|inf$|nan$)", re.IGNORECASE)
-
-
-def _join_negative_values(argv: Sequence[str], parser) -> list[str]:
-    """``--lr-phase2 -1e-3`` -> ``--lr-phase2=-1e-3``, so that a negative number reaches
-    the field's check (which names the field and the valid range) instead of argparse's
-    "expected one argument"."""
-    takes_value = {opt for a in parser._actions if a.option_strings and a.nargs is None
-                   for opt in a.option_strings}
-    out, i, argv = [], 0, list(argv)
-    while i < len(argv):
-        tok = argv[i]
-        if tok == "--":
-            out += argv[i:]
-            break
-        if tok in takes_value and i + 1 < len(argv) and _NEGATIVE.match(argv[i + 1]):
-            out.append(f"{tok}={argv[i + 1]}")
-            i += 2
-            continue
-        out.append(tok)
-        i += 1
-    return out
+def _load_stored(run_dir: Path, prog: str) -> TrainConfig | int:
+    """The stored config of the run to resume, or the exit status when there is none."""
+    where = f"--resume {run_dir}"
+    if not run_dir.is_dir():
+        what = "is a file" if run_dir.exists() else "does not exist"
+        print(f"{prog}: error: {where}: {what}; pass a run directory this pipeline created",
+              file=sys.stderr)
+        return EXIT_RESUME_FAILED
+    if not (run_dir / "config.json").is_file():
+        print(f"{prog}: error: {where}: no config.json there; pass a run directory this "
+              "pipeline created", file=sys.stderr)
+        return EXIT_RESUME_FAILED
+    try:
+        data = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+        return TrainConfig.from_dict(data)
+    except (ValueError, TypeError, OSError) as e:
+        print(f"{prog}: error: {where}: the run's config.json is damaged or invalid "
+              f"({_one_line(e)}); restore it (each checkpoint's state.json holds a copy "
+              "under train_config)", file=sys.stderr)
+        return EXIT_RESUME_FAILED
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "train_tinystories.py") -> int:
-    """Parses the command line and runs; returns the exit status (see module docstring)."""
-    parser = build_parser(prog)
-    parser.epilog = EXIT_STATUS_HELP
-    argv = sys.argv[1:] if argv is None else argv
-    ns = parser.parse_args(_join_negative_values(argv, parser))
-    if ns.resume:
-        run_dir = Path(ns.resume).expanduser()
-        where = f"--resume {ns.resume}"
-        if not run_dir.is_dir():
-            what = "is a file" if run_dir.exists() else "does not exist"
-            print(f"{prog}: error: {where}: {what}; pass a run directory this pipeline created",
-                  file=sys.stderr)
-            return EXIT_RESUME_FAILED
-        if not (run_dir / "config.json").is_file():
-            print(f"{prog}: error: {where}: no config.json there; pass a run directory this "
-                  "pipeline created", file=sys.stderr)
-            return EXIT_RESUME_FAILED
-        try:
-            data = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
-            if not isinstance(data, dict):
-                raise ValueError(f"expected a JSON object, got {type(data).__name__}")
-            stored = TrainConfig.from_dict(data)
-        except (ValueError, OSError) as e:
-            print(f"{prog}: error: {where}: the run's config.json is damaged or invalid "
-                  f"({_one_line(e)}); restore it (each checkpoint's state.json holds a copy "
-                  "under train_config)", file=sys.stderr)
-            return EXIT_RESUME_FAILED
+    """Parses the command line and runs; returns the exit status (see module docstring).
+
+    The flags come from :class:`~growkit.train.config.TrainArgs` through tyro, over the
+    defaults, ``--preset`` and ``--config`` (or, with ``--resume``, over the run's stored
+    config); the flat flags of earlier versions (``--steps-phase1``) are rewritten to the
+    nested ones first (:func:`~growkit.train.config.legacy_to_nested`).
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    resume = peek_run_options(argv)["resume"]
+    stored = run_dir = None
+    if resume:
+        run_dir = Path(resume).expanduser()
+        stored = _load_stored(run_dir, prog)
+        if isinstance(stored, int):
+            return stored
     try:
-        if ns.resume:
-            cfg = resume_overrides(ns, stored)
-        else:
-            run_dir = None
-            cfg = config_from_namespace(ns)
-    except ValueError as e:
+        args = parse_command_line(argv, stored, prog=prog, description=DESCRIPTION)
+        cfg = args.cfg
+    except (ValueError, TypeError, ImportError) as e:
         print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_BAD_CONFIG
-    if ns.print_config:
+    if args.print_config:
         print(cfg.to_json_str(), end="")
         return EXIT_OK
     try:

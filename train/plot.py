@@ -29,7 +29,7 @@ def plot_run(records: Sequence[dict[str, Any]], path: str | os.PathLike,
         records: ``metrics.jsonl`` records (see :class:`growkit.train.metrics.MetricsLog`).
         path: Where the PNG goes (written atomically).
         title: Figure title.
-        phase_steps: Steps of each phase (``{2: steps_phase2, ...}``), for the first
+        phase_steps: Steps of each phase (``{2: cfg.phase2.steps, ...}``), for the first
             quarters; None infers them from the records (exact for a finished run).
 
     Returns:

@@ -3,11 +3,11 @@
 :class:`Trainer` owns one run directory. Its state machine is resumable at every
 checkpoint, including across the growth transitions::
 
-    phase 1: dense model                      steps_phase1 steps at lr_phase1
+    phase 1: dense model                      phase1.steps steps at phase1.lr
       | upcycle_to_moe + verify_functional_equivalence, val loss before/after
-    phase 2: MoE                              steps_phase2 steps at lr_phase2
+    phase 2: MoE                              phase2.steps steps at phase2.lr
       | scale_bilaterally + run_growth_checks, val loss before/after
-    phase 3: wider, deeper MoE                steps_phase3 steps at lr_phase3
+    phase 3: wider, deeper MoE                phase3.steps steps at phase3.lr
 
 A checkpoint stores the model of the phase it was taken in (after a growth, the grown
 model and its config), so a resumed run rebuilds exactly that model; a checkpoint taken
@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from growkit.models import ModelConfig, Transformer, causal_lm_loss, load_model, save_model
+from growkit.models import ModelConfig, Transformer, load_model, save_model
 
 from .checkpoint import (
     CHECKPOINTS_DIR,
@@ -83,11 +83,11 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, lr: float) -> torch
 def lr_at(cfg: TrainConfig, phase: int, step: int) -> float:
     """Learning rate of the ``step``-th (0-based) step of ``phase``.
 
-    Linear warmup over ``warmup(phase)`` steps to ``lr_phase<p>``, then constant or a
-    cosine decay to ``min_lr_ratio * lr_phase<p>`` at the phase's last step. Each phase
+    Linear warmup over ``warmup(phase)`` steps to ``phase<p>.lr``, then constant or a
+    cosine decay to ``min_lr_ratio * phase<p>.lr`` at the phase's last step. Each phase
     has its own schedule.
     """
-    peak, warm, total = cfg.lr(phase), cfg.warmup(phase), cfg.steps(phase)
+    peak, warm, total = cfg.phase(phase).lr, cfg.warmup(phase), cfg.phase(phase).steps
     if warm > 0 and step < warm:
         return peak * (step + 1) / warm
     if cfg.schedule == "constant":
@@ -202,7 +202,7 @@ class Trainer:
             model = Transformer(mcfg)
             model.init_weights(seed=cfg.seed)
             self.model = model.to(self.device)
-            self.optimizer = make_optimizer(self.model, cfg, cfg.lr(1))
+            self.optimizer = make_optimizer(self.model, cfg, cfg.phase1.lr)
             self.state = {
                 "phase": 1, "phase_step": 0, "phase_done": False, "global_step": 0,
                 "tokens_seen": 0, "flops": 0.0, "elapsed_s": 0.0,
@@ -225,7 +225,7 @@ class Trainer:
         try:
             model = load_model(ckpt, device=self.device)
             _rehome_(model.parameters())
-            optimizer = make_optimizer(model, cfg, cfg.lr(state["phase"]))
+            optimizer = make_optimizer(model, cfg, cfg.phase(state["phase"]).lr)
             load_optimizer(optimizer, model, ckpt)
             for st in optimizer.state.values():
                 for k, v in st.items():
@@ -260,7 +260,7 @@ class Trainer:
         total, count = 0.0, 0
         for x, y in self._val_batches():
             with self._autocast():
-                loss = causal_lm_loss(model(x), y)
+                loss = model.loss(x, y, include_aux=False)
             total += float(loss) * y.numel()
             count += y.numel()
         model.train(was_training)
@@ -299,37 +299,39 @@ class Trainer:
     # ------------------------------------------------------------------ training
 
     def _train_step(self, x: torch.Tensor, y: torch.Tensor, lr: float):
+        """One optimizer step on ``model.loss`` (cross entropy + the weighted MoE aux loss).
+
+        Returns (loss, ce, aux, grad norm), detached; aux is None without an aux term.
+        The parts for the log: aux is the model's ``aux_loss()`` of this forward, and ce
+        the loss less its weighted aux (in float64; within an ulp of the loss's own ce).
+        """
         model, opt = self.model, self.optimizer
         for g in opt.param_groups:
             g["lr"] = lr
         with self._autocast():
-            logits = model(x)
-            ce = causal_lm_loss(logits, y)
-            aux = None
-            loss = ce
-            mc = model.config
-            if mc.n_experts > 0 and mc.aux_loss_coef != 0.0:
-                aux = model.aux_loss()
-                loss = ce + mc.aux_loss_coef * aux
+            loss = model.loss(x, y)
+        coef = model.config.aux_loss_coef
+        aux = model.aux_loss().detach() if model.config.n_experts > 0 and coef != 0.0 else None
+        ce = loss.detach() if aux is None else loss.detach().double() - coef * aux.double()
         loss.backward()
         grad_norm = None
         if self.cfg.grad_clip > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), self.cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return loss.detach(), ce.detach(), None if aux is None else aux.detach(), grad_norm
+        return loss.detach(), ce, aux, grad_norm
 
     def _spike_eval(self, phase: int, step: int) -> bool:
         """An extra evaluation: ``post_growth_evals`` of them, evenly spaced over the first
         quarter of a phase that follows a growth, to measure the loss spike there."""
-        n, quarter = self.cfg.post_growth_evals, self.cfg.steps(phase) // 4
+        n, quarter = self.cfg.post_growth_evals, self.cfg.phase(phase).steps // 4
         if phase == 1 or n <= 0 or quarter < 1 or not 0 < step <= quarter:
             return False
         return (step * n) // quarter > ((step - 1) * n) // quarter
 
     def train_phase(self, phase: int) -> None:
         cfg, s = self.cfg, self.state
-        total = cfg.steps(phase)
+        total = cfg.phase(phase).steps
         B, T = cfg.batch_size, cfg.seq_len
         flops_per_step = training_flops_per_token(self.model.config, T) * B * T
         bar = tqdm(total=total, initial=s["phase_step"], disable=not cfg.progress,
@@ -362,7 +364,7 @@ class Trainer:
                     if not math.isfinite(loss_v):
                         raise FloatingPointError(
                             f"phase {phase} step {s['phase_step']}: loss is {loss_v}; lower "
-                            f"lr_phase{phase} or raise warmup_frac_phase{phase}")
+                            f"--phase{phase}.lr or raise --phase{phase}.warmup-frac")
                     bar.set_postfix(loss=f"{loss_v:.3f}", val=f"{s['last_val_loss']:.3f}",
                                     lr=f"{lr:.1e}", tok_s=f"{tps:,.0f}", refresh=False)
                     interval_tokens, interval_time = 0, 0.0
@@ -479,7 +481,7 @@ class Trainer:
                     "train on anyway.", phase, self.run_dir / report_name)
             self._say(f"  WARNING: {why}; continuing (--continue-on-failed-check)")
 
-        new_opt = make_optimizer(new_model, cfg, cfg.lr(phase))
+        new_opt = make_optimizer(new_model, cfg, cfg.phase(phase).lr)
         if not cfg.reset_optimizer:
             n = growth.transfer_adam_state(old_model, new_model, old_opt, new_opt)
             self._say(f"  Adam state carried over for {n} of "
