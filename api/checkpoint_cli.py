@@ -68,6 +68,13 @@ class GrowArgs:
     """experts per token after upcycling"""
     router_std: float = 0.02
     """std of the fresh routers"""
+    moe_layers: Optional[str] = None
+    """which layers to upcycle (default: every layer): every:K (layer i iff (i+1) % K == 0),
+    first:N, last:N, or indices such as 0,2,5; only into a family that can express it
+    (qwen2 -> qwen2_moe, qwen3 -> qwen3_moe)"""
+    router_init: Literal["normal", "orthogonal", "zero", "hidden_pca"] = "normal"
+    """normal (N(0, router_std^2)), orthogonal or zero; hidden_pca needs a forward pass of the
+    model and is only in Python (upcycle_to_moe)"""
     noise_std: float = 1e-5
     """zero-sum symmetry-breaking noise of the width step"""
     noise: Literal["zero_sum", "independent"] = "zero_sum"
@@ -97,15 +104,22 @@ def grow(args: GrowArgs) -> int:
     import torch
 
     from growkit.growth.depth import check_depth_args, plan_depth
-    from growkit.growth.moe import _check as check_moe_args
-    from growkit.growth.moe import plan_moe, target_adapter
+    from growkit.growth.moe import check_moe_args, plan_moe, resolve_moe_layers, target_adapter
     from growkit.growth.stream import grow_checkpoint
     from growkit.growth.width import check_width_args, plan_width
 
     # width 1 means "no width growth"; the noise settings are checked all the same
     _, noise_std, seed = check_width_args(width if width != 1 else 2, noise_std, noise, seed, scale_name="width")
+    moe_layers, router_init = args.moe_layers, args.router_init
+    if router_init == "hidden_pca":
+        raise BadInput("--router-init hidden_pca needs a forward pass of the dense model on calibration tokens, "
+                       "which growkit grow (tensor by tensor, never the whole model) does not run: use "
+                       "upcycle_to_moe(model, ..., router_init='hidden_pca', calibration=ids) in Python, then "
+                       "growkit.growth.save_grown; here choose normal, orthogonal or zero")
     if moe:
-        check_moe_args(moe, top_k, router_std, 0.0, seed, True)
+        moe, top_k, router_std, _, _ = check_moe_args(moe, top_k, router_std, 0.0, seed, True, router_init=router_init)
+    elif moe_layers is not None or router_init != "normal":
+        raise BadInput("--moe-layers and --router-init apply to upcycling: give --moe E as well")
     if width == 1 and depth == 0 and not moe:
         raise BadInput("nothing to do: give --width S (>= 2), --depth N (>= 1) or --moe E")
     if device == "cuda" and not torch.cuda.is_available():
@@ -121,8 +135,10 @@ def grow(args: GrowArgs) -> int:
             if adapter.is_moe(config):
                 raise BadInput("--moe: SRC is already a mixture of experts")
             always = "renormalized_topk" in target.family.quirks
+            chosen = resolve_moe_layers(adapter, target, config, moe_layers, moe, router_init, name="moe_layers")
             plans.append(plan_moe(adapter, target, config, specs, tied, moe, top_k, router_std=router_std,
-                                  expert_noise_std=0.0, seed=seed, norm_topk_prob=True if always or target.has("norm_topk_prob") else False))
+                                  expert_noise_std=0.0, seed=seed, norm_topk_prob=True if always or target.has("norm_topk_prob") else False,
+                                  layers=None if moe_layers is None else chosen, router_init=router_init))
             adapter, config, specs, tied = target, plans[-1].config, plans[-1].specs(), plans[-1].tied
         if width != 1:
             plans.append(plan_width(adapter, config, specs, tied, width, noise_std=noise_std, noise=noise, seed=seed))

@@ -134,8 +134,19 @@ class FamilyAdapter:
             out.weight is model.get_input_embeddings().weight
         )
 
+    @property
+    def per_layer_moe(self) -> bool:
+        """Whether the family's config can make some layers MoE and others dense (quirk
+        ``sparse_layer_list``: Qwen-MoE's ``mlp_only_layers``, the reference model's
+        ``dense_layers``)."""
+        return "sparse_layer_list" in self.family.quirks and self.has("dense_layers")
+
     def sparse_layers(self, config) -> list[bool] | None:
-        """Per layer: is it an MoE layer? (None for a family without per-layer choice)."""
+        """Per layer: is it an MoE layer? (None for a family without per-layer choice).
+
+        Qwen-MoE's rule: layer i is MoE iff ``n_experts > 0``, i is not in ``dense_layers``
+        (``mlp_only_layers``) and ``(i + 1) % sparse_step == 0`` (``decoder_sparse_step``;
+        1 for a family without the field, the reference model)."""
         if "sparse_layer_list" not in self.family.quirks:
             return None
         n = int(self.cfg(config, "n_layers"))
@@ -143,6 +154,15 @@ class FamilyAdapter:
         dense = set(self.cfg(config, "dense_layers", []) or [])
         experts = int(self.cfg(config, "n_experts", 0) or 0)
         return [experts > 0 and i not in dense and (i + 1) % step == 0 for i in range(n)]
+
+    def moe_layers(self, config) -> list[int]:
+        """The indices of the MoE layers, for any family (every layer or none where the
+        family has no per-layer choice)."""
+        config = getattr(config, "config", config)
+        sparse = self.sparse_layers(config)
+        if sparse is None:
+            return list(range(int(self.cfg(config, "n_layers")))) if self.is_moe(config) else []
+        return [i for i, s in enumerate(sparse) if s]
 
     # ------------------------------------------------------------------ names and roles
     def _match(self, name: str):

@@ -112,8 +112,10 @@ def deepen_config(adapter, config, plan: list[tuple[int, str]]):
     if layer_types is not None:
         updates["layer_types"] = [layer_types[src] for src, _ in plan]
     sparse = adapter.sparse_layers(config)
-    if sparse is not None:
-        updates["sparse_step"] = 1
+    if sparse is not None and adapter.is_moe(config):
+        # one form for every family: step 1 and the explicit list of dense layers
+        if adapter.has("sparse_step"):
+            updates["sparse_step"] = 1
         updates["dense_layers"] = [j for j, (src, _) in enumerate(plan) if not sparse[src]]
     return adapter.config_with(config, **updates)
 

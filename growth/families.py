@@ -42,8 +42,10 @@ QUIRKS = {
     # a shared expert beside the routed ones (Qwen2-MoE): upcycling copies the dense MLP
     # into it with its down projection and its sigmoid gate zeroed (it adds 0 at first)
     "shared_expert",
-    # which layers are MoE comes from decoder_sparse_step / mlp_only_layers (Qwen MoE):
-    # depth growth rewrites them so every new layer keeps its source layer's kind
+    # which layers are MoE comes from decoder_sparse_step / mlp_only_layers (Qwen MoE;
+    # the reference model's dense_layers): depth growth rewrites them so every new layer
+    # keeps its source layer's kind, and partial upcycling (upcycle_to_moe(layers=...))
+    # writes them; a family without it has every layer MoE or none
     "sparse_layer_list",
     # top-k weights are always renormalized to sum to 1 (Mixtral): no norm_topk_prob field
     "renormalized_topk",
@@ -195,7 +197,7 @@ REFERENCE = Family(
     name="growkit-reference",
     kind="reference",
     layers="layers",
-    quirks=frozenset({"tied_logit_scale"}),
+    quirks=frozenset({"tied_logit_scale", "sparse_layer_list"}),
     params={
         "embed.weight": Role.EMBEDDING,
         "norm.weight": Role.NORM,
@@ -230,7 +232,7 @@ REFERENCE = Family(
         "d_model": "d_model", "n_heads": "n_heads", "n_kv_heads": "n_kv_heads", "head_dim": "head_dim",
         "d_ff": "d_ff", "n_layers": "n_layers", "vocab_size": "vocab_size", "tie_embeddings": "tie_embeddings",
         "rope": "rope_theta", "n_experts": "n_experts", "top_k": "top_k", "norm_topk_prob": "norm_topk_prob",
-        "logit_scale": "logit_scale",
+        "logit_scale": "logit_scale", "dense_layers": "dense_layers",
     },
     moe_sibling="growkit-reference",
 )

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
-import math
+import numbers
 import os
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
+
+from growkit.validate import ArgumentKindError, real_number, whole_number
 
 
 def _default_d_ff(d_model: int) -> int:
@@ -37,6 +39,10 @@ class ModelConfig:
         n_experts: 0 for a dense SwiGLU MLP, otherwise the number of experts (>= 2).
         top_k: Experts per token; ignored when ``n_experts == 0``.
         norm_topk_prob: Renormalize the top-k routing weights to sum to 1.
+        dense_layers: Layers (indices from 0) that keep a dense MLP in a mixture-of-experts
+            model (Hugging Face Qwen-MoE's ``mlp_only_layers``); every other layer is MoE.
+            Stored sorted; empty (every layer MoE) unless ``n_experts > 0``. A partially
+            upcycled model (``upcycle_to_moe(..., layers=...)``) sets it.
         tie_embeddings: Use ``embed.weight`` as the output projection.
         rope_theta: RoPE base frequency.
         norm_eps: RMSNorm epsilon.
@@ -58,6 +64,7 @@ class ModelConfig:
     n_experts: int = 0
     top_k: int = 2
     norm_topk_prob: bool = True
+    dense_layers: tuple[int, ...] = ()
     tie_embeddings: bool = False
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
@@ -79,16 +86,12 @@ class ModelConfig:
             self._check_int(name)
         for name in ("norm_topk_prob", "tie_embeddings", "attn_bias", "mlp_bias"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(
+                raise ArgumentKindError(
                     f"ModelConfig.{name} must be a bool, got {getattr(self, name)!r}"
                 )
-        for name in ("rope_theta", "norm_eps", "logit_scale", "aux_loss_coef"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"ModelConfig.{name} must be a number, got {value!r}")
-            if not math.isfinite(value):
-                raise ValueError(f"ModelConfig.{name} must be finite, got {value!r}")
-            setattr(self, name, float(value))
+        for name, lower in (("rope_theta", "above"), ("norm_eps", "above"), ("logit_scale", "above"),
+                            ("aux_loss_coef", "min")):
+            setattr(self, name, real_number(getattr(self, name), f"ModelConfig.{name}", **{lower: 0.0}))
 
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
@@ -128,26 +131,52 @@ class ModelConfig:
                 f"ModelConfig.top_k={self.top_k} must satisfy 1 <= top_k <= "
                 f"n_experts={self.n_experts}"
             )
-        if self.rope_theta <= 0:
-            raise ValueError(f"ModelConfig.rope_theta={self.rope_theta} must be > 0")
-        if self.norm_eps <= 0:
-            raise ValueError(f"ModelConfig.norm_eps={self.norm_eps} must be > 0")
-        if self.logit_scale <= 0:
-            raise ValueError(f"ModelConfig.logit_scale={self.logit_scale} must be > 0")
-        if self.aux_loss_coef < 0:
-            raise ValueError(f"ModelConfig.aux_loss_coef={self.aux_loss_coef} must be >= 0")
+        self._check_dense_layers()
 
-    def _check_int(self, name: str) -> None:
+    def _check_int(self, name: str, min: int | None = None) -> None:
         value = getattr(self, name)
-        # bool is an int subclass; True as a layer count is always a bug.
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"ModelConfig.{name} must be an int, got {value!r}")
+        # A stored field holds an int: bools (True as a layer count is always a bug) and
+        # floats, even whole ones, are refused rather than converted.
+        if not isinstance(value, numbers.Integral):
+            raise ArgumentKindError(f"ModelConfig.{name} must be an int, got {value!r}")
+        setattr(self, name, whole_number(value, f"ModelConfig.{name}", min=min))
 
     def _check_positive_int(self, name: str) -> None:
-        self._check_int(name)
-        value = getattr(self, name)
-        if value <= 0:
-            raise ValueError(f"ModelConfig.{name} must be a positive int, got {value!r}")
+        self._check_int(name, min=1)
+
+    def _check_dense_layers(self) -> None:
+        """``dense_layers``: distinct layer indices in [0, n_layers), stored as a sorted tuple."""
+        value = self.dense_layers
+        name = "ModelConfig.dense_layers"
+        if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+            raise ArgumentKindError(f"{name} must be a list of layer indices, got {value!r}")
+        hint = f"layers are numbered from 0 to n_layers - 1 = {self.n_layers - 1}"
+        layers = []
+        for i in value:
+            if not isinstance(i, numbers.Integral):  # a stored index is an int, like the sizes
+                raise ArgumentKindError(f"{name} must hold int layer indices ({hint}), got {i!r} in {value!r}")
+            layers.append(whole_number(i, f"{name}[i]", min=0, max=self.n_layers - 1, hint=hint))
+        if len(set(layers)) != len(layers):
+            dup = sorted({i for i in layers if layers.count(i) > 1})
+            raise ValueError(f"{name} lists layers {dup} more than once, got {list(value)!r}")
+        if layers and self.n_experts == 0:
+            raise ValueError(
+                f"{name}={sorted(layers)} only applies to a mixture of experts (n_experts > 0): "
+                "with n_experts=0 every layer is dense; leave it empty")
+        if layers and len(layers) == self.n_layers:
+            raise ValueError(
+                f"{name} lists every layer ({self.n_layers}): no layer is a mixture of experts; "
+                "use n_experts=0 for a dense model")
+        self.dense_layers = tuple(sorted(layers))
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether layer ``layer`` (from 0) has a mixture of experts rather than a dense MLP."""
+        return self.n_experts > 0 and layer not in self.dense_layers
+
+    @property
+    def moe_layer_indices(self) -> list[int]:
+        """The layers with a mixture of experts, in order (empty for a dense model)."""
+        return [i for i in range(self.n_layers) if self.is_moe_layer(i)]
 
     @property
     def is_moe(self) -> bool:
@@ -156,7 +185,9 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Returns all fields (resolved, never ``None``) as a plain dict."""
-        return asdict(self)
+        d = asdict(self)
+        d["dense_layers"] = list(self.dense_layers)
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
@@ -211,6 +242,8 @@ class ModelConfig:
         return cls.from_dict(d)
 
 
-#: Fields a config file may leave out: the RoPE cache length (the tables grow on demand)
-#: and the MoE load-balancing weight (training only). Every other field is required.
-OPTIONAL_IN_FILE = ("max_seq_len", "aux_loss_coef")
+#: Fields a config file may leave out: the RoPE cache length (the tables grow on demand),
+#: the MoE load-balancing weight (training only) and ``dense_layers``, whose default (every
+#: layer MoE, none for a dense model) is what every file written before the field existed
+#: meant. Every other field is required.
+OPTIONAL_IN_FILE = ("max_seq_len", "aux_loss_coef", "dense_layers")

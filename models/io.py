@@ -5,6 +5,12 @@ written to a temporary file in the same directory and moved into place with
 ``os.replace``, so a reader never sees a half-written file. The two files are replaced
 one after the other (weights first), so a crash in between can pair new weights with the
 previous config; write to a fresh directory when that matters.
+
+``config.json`` lists every :class:`ModelConfig` field, ``dense_layers`` included (the
+layers of a mixture-of-experts model that keep a dense MLP, e.g. after partial upcycling);
+a file written before that field existed loads with it empty (every layer MoE), which is
+what it meant, and the layers holding routers in the weights must be the config's MoE
+layers (:func:`check_config_against_file`).
 """
 
 from __future__ import annotations
@@ -113,7 +119,8 @@ def check_config_against_file(cfg: ModelConfig, weights: str | os.PathLike) -> N
 
     Reads only the file's header (names and shapes), so a crafted or damaged
     ``config.json`` is refused before anything is built from it: the layer count, the
-    vocabulary and the width must be those of the stored tensors, and the RoPE tables
+    vocabulary and the width must be those of the stored tensors, the routers must sit in
+    exactly the config's MoE layers (``n_experts``, ``dense_layers``), and the RoPE tables
     ``max_seq_len`` asks for (2 x max_seq_len x head_dim float32) may not exceed the
     weights' own size (beyond :data:`ROPE_TABLES_FREE_BYTES`).
 
@@ -147,6 +154,12 @@ def check_config_against_file(cfg: ModelConfig, weights: str | os.PathLike) -> N
         raise ValueError(
             f"config.json n_experts={cfg.n_experts}, but {WEIGHTS_NAME} holds "
             f"{'routers over ' + str(sorted(set(routers))) + ' experts' if routers else 'no MoE router'}")
+    router_layers = sorted(int(m.group(1)) for k in shapes
+                           if k.endswith(".mlp.router.weight") and (m := _LAYER_KEY.match(k)))
+    if routers and router_layers != cfg.moe_layer_indices:
+        raise ValueError(
+            f"config.json dense_layers={list(cfg.dense_layers)} makes layers {cfg.moe_layer_indices} "
+            f"mixtures of experts, but {WEIGHTS_NAME} holds routers in layers {router_layers}")
     rope = 2 * 4 * cfg.max_seq_len * cfg.head_dim
     size = os.path.getsize(weights)
     if rope > max(size, ROPE_TABLES_FREE_BYTES):

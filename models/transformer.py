@@ -315,15 +315,20 @@ class Block(nn.Module):
     """Pre-norm decoder block: ``h += attn(attn_norm(h)); h += mlp(mlp_norm(h))``.
 
     Args:
-        cfg: Model config; ``mlp`` is an :class:`MoE` when ``cfg.n_experts > 0``.
+        cfg: Model config.
+        layer: The block's index (from 0). ``mlp`` is an :class:`MoE` when
+            ``cfg.is_moe_layer(layer)`` (``n_experts > 0`` and ``layer`` not in
+            ``cfg.dense_layers``), a dense :class:`MLP` otherwise. ``None`` (a block on its
+            own): an :class:`MoE` whenever ``cfg.n_experts > 0``.
     """
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int | None = None) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attn = Attention(cfg)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mlp: MLP | MoE = MoE(cfg) if cfg.n_experts > 0 else MLP(cfg)
+        sparse = cfg.n_experts > 0 if layer is None else cfg.is_moe_layer(layer)
+        self.mlp: MLP | MoE = MoE(cfg) if sparse else MLP(cfg)
 
     def forward(
         self,
@@ -374,7 +379,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         if not cfg.tie_embeddings:
             self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)

@@ -262,3 +262,64 @@ def test_layerwise_verdicts_equal_the_in_memory_ones(tmp_path, family, args):
         for key in ("max_rel_diff_hidden", "logits_rel_diff", "tensors_judged", "least_diverged", "max_rel_diff"):
             if key in a.get("figures", {}):
                 assert a["figures"][key] == b["figures"][key], (a["name"], key)
+
+
+# --------------------------------------------------------------------------- partial upcycling, router inits
+@pytest.mark.parametrize("moe_layers,router_init,mlp_only", [
+    ("every:2", "orthogonal", [0, 2, 4]),
+    ("0,3", "zero", [1, 2, 4]),
+    ("last:1", "normal", [0, 1, 2, 3]),
+])
+def test_grow_partial_upcycling_is_bitwise_and_verifies(tmp_path, moe_layers, router_init, mlp_only, capsys):
+    m = tiny_model("qwen2", num_hidden_layers=5, layer_types=None)
+    src = _save(m, tmp_path / "src")
+    dst = tmp_path / "dst"
+    assert main(["grow", str(src), str(dst), "--moe", "4", "--top-k", "2", "--moe-layers", moe_layers,
+                 "--router-init", router_init, "--seed", "3", "--no-progress"]) == 0
+    in_memory = upcycle_to_moe(m, 4, 2, layers=moe_layers, router_init=router_init, seed=3)
+    loaded = _assert_bitwise(dst, in_memory)
+    config = json.loads((dst / "config.json").read_text())
+    assert config["mlp_only_layers"] == mlp_only and config["decoder_sparse_step"] == 1
+    assert config["norm_topk_prob"] is True  # stated, not left to transformers' default (False)
+    assert [type(a.mlp) for a in loaded.model.layers] == [type(b.mlp) for b in in_memory.model.layers]
+    settings = json.loads((dst / "growth.json").read_text())["records"][0]["settings"]
+    assert settings["router_init"] == router_init and settings["layers"] == [i for i in range(5) if i not in mlp_only]
+    rc = main(["verify", str(src), str(dst), "--seq-len", "16", "--scale", "1"])
+    out = capsys.readouterr().out
+    assert "Functional identity ..... PASSED" in out
+    # a zero router sends every token to the same experts: reported as collapsed routing
+    assert rc == (1 if router_init == "zero" else 0), out
+
+
+def test_grow_partial_upcycling_then_deeper_keeps_the_layer_choice(tmp_path):
+    m = tiny_model("qwen3")
+    src = _save(m, tmp_path / "src")
+    dst = tmp_path / "dst"
+    assert main(["grow", str(src), str(dst), "--moe", "4", "--moe-layers", "1", "--depth", "1",
+                 "--positions", "1", "--no-progress"]) == 0
+    loaded = _assert_bitwise(dst, grow_depth(upcycle_to_moe(m, 4, 2, layers=[1]), 1, positions=[1]))
+    assert loaded.config.mlp_only_layers == [0, 3]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--moe", "4", "--router-init", "hidden_pca"], "hidden_pca needs a forward pass"),
+    (["--moe", "4", "--moe-layers", "every:9"], "moe_layers"),
+    (["--moe", "4", "--moe-layers", "0,0"], "more than once"),
+    (["--moe", "4", "--moe-layers", "sometimes"], "moe_layers must be"),
+    (["--moe", "4", "--router-init", "bogus"], ""),
+    (["--width", "2", "--moe-layers", "every:2"], "give --moe E"),
+    (["--moe", "64", "--router-init", "orthogonal"], "n_experts (64) must be <= d_model (48)"),
+])
+def test_grow_moe_options_bad_input_exits_2(tmp_path, args, message, capsys):
+    src = _save(tiny_model("qwen2"), tmp_path / "src")
+    assert main(["grow", str(src), str(tmp_path / "dst"), *args]) == 2
+    assert message in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["src"]
+
+
+def test_grow_partial_upcycling_into_mixtral_is_refused(tmp_path, capsys):
+    src = _save(tiny_model("llama"), tmp_path / "src")
+    assert main(["grow", str(src), str(tmp_path / "dst"), "--moe", "4", "--moe-layers", "last:1"]) == 2
+    err = capsys.readouterr().err
+    assert "mixtral" in err and "qwen2 -> qwen2_moe" in err
+    assert [p.name for p in tmp_path.iterdir()] == ["src"]
