@@ -10,6 +10,7 @@ from .families import FAMILIES, QUIRKS, Family, Fused
 from .bilateral import scale_bilaterally
 from .depth import default_positions, grow_depth
 from .moe import DEFAULT_ROUTER_STD, upcycle_to_moe, upcycling_pairs
+from .masks import GrowthFreeze, freeze_for_growth, growth_param_groups, trainable_mask
 from .optimizer import transfer_adam_state
 from .records import GrowthRecord, Source
 from .saving import load_grown, load_growth_records, save_grown
@@ -23,6 +24,7 @@ __all__ = [
     "FamilyAdapter",
     "Fused",
     "QUIRKS",
+    "GrowthFreeze",
     "GrowthRecord",
     "ParamRole",
     "ROLE_RULES",
@@ -30,9 +32,11 @@ __all__ = [
     "RoleRule",
     "Source",
     "default_positions",
+    "freeze_for_growth",
     "get_adapter",
     "grow_depth",
     "grow_width",
+    "growth_param_groups",
     "hyperclone_weight",
     "load_grown",
     "load_growth_records",
@@ -42,6 +46,7 @@ __all__ = [
     "upcycling_pairs",
     "save_grown",
     "scale_bilaterally",
+    "trainable_mask",
     "transfer_adam_state",
     "upcycle_to_moe",
 ]

@@ -46,5 +46,5 @@ def scale_bilaterally(
     wide = widen(model, scale, noise_std, noise, seed)
     width_records = wide.growth_records
     grown = deepen(wide, int(extra_layers), depth_mode, positions)
-    grown.growth_records = width_records + grown.growth_records
+    grown.growth_records = width_records + grown.growth_records  # the history has both already
     return grown

@@ -124,5 +124,5 @@ def build_from_plan(plan: GrowthPlan, state: dict[str, torch.Tensor], like) -> t
         embed = plan.adapter.tensor_name(Role.EMBEDDING, None)
         state[head] = state[embed]
     model = plan.adapter.build(plan.config, state, like=like)
-    attach_records(model, [plan.record])
+    attach_records(model, [plan.record], like=like)
     return model

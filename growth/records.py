@@ -126,6 +126,13 @@ class GrowthRecord:
         return f"{self.op}({self.settings}) -> " + ", ".join(f"{k}: {v}" for k, v in sorted(kinds.items()))
 
 
-def attach_records(model, records: list[GrowthRecord]) -> None:
-    """Record how ``model`` was grown (an attribute; not saved in checkpoints)."""
+def attach_records(model, records: list[GrowthRecord], like=None) -> None:
+    """Record how ``model`` was grown (attributes; ``save_grown`` writes ``growth_records``).
+
+    ``growth_records``: this call's records (what the checks compare ``like`` with);
+    ``growth_history``: every record since the last model that was not grown by growkit,
+    oldest first: ``like``'s history (or its records), then this call's. The masks of
+    ``masks.py`` read the history, so growth in separate calls composes."""
     model.growth_records = list(records)
+    prior = getattr(like, "growth_history", None) or getattr(like, "growth_records", None) or []
+    model.growth_history = list(prior) + list(records)
