@@ -139,8 +139,9 @@ MLP = {L + "mlp.gate_proj.weight": Role.MLP_GATE, L + "mlp.up_proj.weight": Role
 MLP_BIAS = {L + "mlp.gate_proj.bias": Role.MLP_GATE_BIAS, L + "mlp.up_proj.bias": Role.MLP_UP_BIAS, L + "mlp.down_proj.bias": Role.MLP_DOWN_BIAS}
 GEMMA_NORMS = {
     **PRE_NORMS,
+    L + "post_attention_layernorm.weight": Role.ATTN_OUT_NORM,  # a pre-MLP norm in Llama, not here
     L + "pre_feedforward_layernorm.weight": Role.NORM,
-    L + "post_feedforward_layernorm.weight": Role.NORM,
+    L + "post_feedforward_layernorm.weight": Role.MLP_OUT_NORM,
 }
 # transformers 5 stores experts fused and 3-D: gate_up [E, 2*I, d] (gate first), down [E, d, I]
 EXPERTS = {
@@ -258,8 +259,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
     }, HF_CONFIG),
     Family("olmo2", {
         **EMBED_HEAD, **ATTN, **ATTN_BIAS, **MLP,
-        L + "post_attention_layernorm.weight": Role.NORM,
-        L + "post_feedforward_layernorm.weight": Role.NORM,
+        L + "post_attention_layernorm.weight": Role.ATTN_OUT_NORM,
+        L + "post_feedforward_layernorm.weight": Role.MLP_OUT_NORM,
         L + "self_attn.q_norm.weight": Role.Q_NORM,
         L + "self_attn.k_norm.weight": Role.K_NORM,
     }, HF_CONFIG),

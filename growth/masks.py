@@ -52,7 +52,10 @@ At the first backward the zeroed projections get nonzero gradients (their inputs
 not zero and the loss depends on their outputs), while q/k/v, gate/up, their biases and
 the block's norms get *exactly zero* gradient: everything they produce is multiplied by
 a zero matrix. They receive gradients from the second step on, once an optimizer step
-has moved o_proj / down_proj off zero. (``transfer_adam_state`` starts them with zero
+has moved o_proj / down_proj off zero. In OLMo2 and Gemma2/3, whose sublayer outputs pass
+through a norm before the residual add, the zeroed tensors are those norms' gains instead
+(``depth.py``): there the gains get the step-1 gradient, and everything before them from
+step 2. (``transfer_adam_state`` starts them with zero
 moments for the same reason.) With ``which="new"`` nothing else moves: the old layers,
 embeddings and final norm stay bit-identical.
 

@@ -84,9 +84,11 @@ def copy_of(name: str) -> Callable[[Getter], torch.Tensor]:
     return lambda get: get(name).clone()
 
 
-def zeros_like_source(name: str) -> Callable[[Getter], torch.Tensor]:
-    """A maker: zeros shaped like source tensor ``name`` (its device and dtype)."""
-    return lambda get: torch.zeros_like(get(name))
+def zeros_like_source(name: str, value: float = 0.0) -> Callable[[Getter], torch.Tensor]:
+    """A maker: zeros (or ``value``) shaped like source tensor ``name`` (its device and dtype)."""
+    if value == 0.0:
+        return lambda get: torch.zeros_like(get(name))
+    return lambda get: torch.full_like(get(name), value)
 
 
 def chain(first_get: Getter, plans: list[GrowthPlan]) -> Getter:

@@ -25,7 +25,8 @@ class Source:
         ``widen``: the source tiled by the role's repeats (``scale``);
         ``copy``: an exact copy of the source (kept layers, stacked layers);
         ``zero``: zeros shaped like the source (projections of an identity layer that write
-        to the residual stream);
+        to the residual stream; in a family with output norms, those norms' gain, whose
+        zero is -1 for a ``(1 + w)`` norm);
         ``identity_copy``: a copy of the source kept as the input side of an identity layer;
         ``experts``: ``n_experts`` copies of a dense MLP tensor stacked on a new dim 0;
         ``fresh``: newly initialized (a router): no source.

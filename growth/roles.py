@@ -69,6 +69,11 @@ class Role(str, Enum):
     SHARED_UP = "shared_up"
     SHARED_DOWN = "shared_down"
     SHARED_EXPERT_GATE = "shared_expert_gate"
+    # norms on a sublayer's output, before the residual add (OLMo2's post norms, Gemma2's and
+    # Gemma3's post_attention / post_feedforward norms): tiled like any norm; an identity
+    # layer zeroes their gain instead of the projections (see depth.py)
+    ATTN_OUT_NORM = "attn_out_norm"
+    MLP_OUT_NORM = "mlp_out_norm"
 
 
 @dataclass(frozen=True)
@@ -79,7 +84,10 @@ class RoleRule:
         dims: the kind of each dim, in tensor order (nn.Linear layout: [out, in]).
         input_dim: the dim a linear map contracts over (divided by s when widened);
             None for embeddings, norms and biases. Always the last dim when present.
-        writes_residual: adds into the residual stream; zeroed in an identity layer.
+        writes_residual: adds into the residual stream; zeroed in an identity layer
+            (unless the layer has output norms).
+        output_norm: a norm on a sublayer's output, before the residual add; an identity
+            layer of a family with these zeroes their gain, and only theirs.
         noise: receives symmetry-breaking noise when widened. The router gets none: its
             experts are not cloned, and any noise can only move a token across a top-k
             boundary.
@@ -89,6 +97,7 @@ class RoleRule:
     dims: tuple[str, ...]
     input_dim: int | None = None
     writes_residual: bool = False
+    output_norm: bool = False
     noise: bool = True
     expert_role: Role | None = None
 
@@ -143,6 +152,8 @@ ROLE_RULES: dict[Role, RoleRule] = {
     Role.SHARED_DOWN: RoleRule(("model", "ff"), input_dim=1, writes_residual=True),
     # its one logit must stay the same: divided like the router, and no noise
     Role.SHARED_EXPERT_GATE: RoleRule(("one", "model"), input_dim=1, noise=False),
+    Role.ATTN_OUT_NORM: RoleRule(("model",), output_norm=True),
+    Role.MLP_OUT_NORM: RoleRule(("model",), output_norm=True),
 }
 
 

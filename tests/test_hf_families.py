@@ -314,3 +314,39 @@ def test_interpreted_kernels(family, monkeypatch):
     assert max_rel(logits(grown, ids), ref) <= TOL["width2_noise"]
     report = verify.run_growth_checks(source, grown, ids, device="cpu", scale_factor=2)
     assert report.passed, str(report)
+
+
+# ---------------------------------------------------------------------------- output norms
+@pytest.mark.parametrize("family", ["olmo2", "gemma2", "gemma3_text", "llama"])
+def test_identity_blocks_stay_small_after_a_training_step(family):
+    """OLMo2 and Gemma2/3 normalize each sublayer's output before the residual add: an
+    identity block there zeroes the output norms' gains (RMSNorm is scale invariant, so a
+    zeroed projection would be normalized back to full size after one small step). After
+    one SGD step at lr 1e-4 the new block adds O(lr) to the residual stream."""
+    from growkit.growth import grow_depth
+
+    m = tiny_model(family)
+    deep = grow_depth(m, 1, mode="identity", positions=[0])
+    ids = probe(m)
+    assert torch.allclose(logits(deep, ids), logits(m, ids), rtol=1e-5, atol=1e-5)
+
+    def block_share():
+        with torch.no_grad():
+            out = deep(ids, output_hidden_states=True)
+        h_in, h_out = out.hidden_states[1], out.hidden_states[2]
+        return float((h_out - h_in).norm() / h_in.norm())
+
+    assert block_share() == 0.0
+    deep.train()
+    deep(input_ids=ids, use_cache=False).logits.float().logsumexp(-1).mean().backward()  # any loss
+    with torch.no_grad():
+        for p in deep.model.layers[1].parameters():
+            if p.grad is not None:
+                p -= 1e-4 * p.grad
+    share = block_share()
+    assert 0 < share < 1e-2, share
+    # and the layer pairing infers it from the weights alone (no growth records)
+    from growkit.verify.pairing import zero_writer_layers
+
+    fresh = grow_depth(m, 1, mode="identity", positions=[0])
+    assert zero_writer_layers(fresh) == [False, True, False, False]

@@ -221,7 +221,7 @@ class Comparison:
                 if p.kind == COPY or p.new not in new_run.attn or p.old not in old_run.attn:
                     continue
                 new_out = new_run.attn[p.new]
-                if p.kind == IDENTITY:  # an identity layer's o_proj is zero: so is its output
+                if p.kind == IDENTITY:  # an identity layer's attention adds 0 (o_proj or output norm zeroed)
                     d_old = new_out.shape[-1] // self.scale
                     refs.append(torch.zeros(*new_out.shape[:-1], d_old, dtype=new_out.dtype, device=new_out.device))
                 else:

@@ -4,7 +4,8 @@ Depth growth inserts layers, so new layer j is not old layer j. The pairing come
 grown model's ``growth_records`` (the ``layer_map`` of every depth record, composed when
 there are several) when they describe this pair of models; otherwise it is inferred:
 layers whose residual-writing projections (the ``writes_residual`` roles of the role
-table) are all zero are identity layers, and the others must be the old layers in order.
+table; in a family with output norms, those norms' gains) are all zero are identity
+layers, and the others must be the old layers in order.
 
 For new layer j, ``ref_hidden`` is the index into the old model's hidden states that new
 hidden state j + 1 must equal (tiled): ``old + 1`` for a kept layer and for an identity
@@ -110,15 +111,18 @@ def _compose(maps: list[list[tuple[int, str]]], n_old: int, n_new: int) -> list[
 
 @torch.no_grad()
 def zero_writer_layers(model: nn.Module) -> list[bool]:
-    """For each layer: are all its residual-writing tensors exactly zero? (kernel-reduced)."""
+    """For each layer: does it add exactly 0? All its residual-writing tensors zero or, in a
+    family with output norms, those norms' effective gains zero (kernel-reduced)."""
     adapter = get_adapter(model, "verification")
     roles = adapter.param_roles(model)
     state = adapter.role_state(model)
     L = n_layers(model)
+    out_norms = any(pr.rule.output_norm for pr in roles.values())
+    offset = 1.0 if "norm_offset" in adapter.family.quirks else 0.0
     groups: dict[tuple, list[tuple[int, torch.Tensor]]] = {}
     for name, pr in roles.items():
-        if pr.layer is not None and pr.rule.writes_residual:
-            t = state[name]
+        if pr.layer is not None and (pr.rule.output_norm if out_norms else pr.rule.writes_residual):
+            t = state[name] + offset if pr.rule.output_norm and offset else state[name]
             groups.setdefault((tuple(t.shape), t.dtype), []).append((pr.layer, t))
     zero = [True] * L
     seen = [False] * L

@@ -87,7 +87,8 @@ class ProbeRun:
     Attributes:
         logits: [B, T, V].
         hidden: n_layers + 1 tensors [B, T, d] (embedding output, then each layer's output).
-        attn: layer -> attention output [B, T, d] (output of its o_proj).
+        attn: layer -> attention output [B, T, d] (output of its o_proj, or of the norm
+            on it in a family with output norms).
         router: layer -> router logits [N, E] float32 (MoE layers only).
         qk: (role name "q_proj" / "k_proj", layer) -> that projection's output [B, T, H*hd]
             (before RoPE); read only to tell a projection bug from a rotation bug.
@@ -141,7 +142,10 @@ def run_probe(
     with ModelGuard(model):
         try:
             if attention:
-                for layer, mod in hook_modules(model, Role.O).items():
+                # what the attention adds to the residual stream: its output norm's output
+                # where the family has one (OLMo2, Gemma2/3), else the o_proj output
+                attn_out = hook_modules(model, Role.ATTN_OUT_NORM) or hook_modules(model, Role.O)
+                for layer, mod in attn_out.items():
                     handles.append(mod.register_forward_hook(capture(captured_attn, layer, False)))
                 for role in (Role.Q, Role.K):
                     for layer, mod in hook_modules(model, role).items():

@@ -1,7 +1,8 @@
 """RoPE integrity: the attention of the grown model still rotates and scales as before.
 
 Structure: head_dim equal; n_heads and n_kv_heads multiplied by the same factor as d_model;
-rope_theta equal. Behaviour: every layer's attention output (its o_proj output, [B, T, d])
+rope_theta equal. Behaviour: every layer's attention output (its o_proj output, or the
+output of the norm on it in OLMo2 and Gemma2/3, [B, T, d])
 in both models on the same probe, compared position by position against the tiled old
 output. Position 0 attends only to itself and is not rotated, so a head_dim change can
 leave it intact while every later position breaks: the per-position figures show it.
@@ -9,7 +10,8 @@ leave it intact while every later position breaks: the per-position figures show
 A layer is judged only when its input matches the reference (the hidden state it reads
 is within tolerance); a layer whose input already differs is shown as such, because its
 attention cannot be blamed for an upstream bug (the functional-identity check names it).
-Inserted identity layers must output exactly zero attention (their o_proj is zero);
+Inserted identity layers must output exactly zero attention (their o_proj, or their
+output norm's gain, is zero);
 stacked copies have no reference.
 
 Launches: reference scales (one), every layer's position 0 and later positions (two), and
