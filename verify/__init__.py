@@ -9,7 +9,10 @@ returns a :class:`CheckResult`): :func:`check_rope_integrity`, :func:`check_rout
 :func:`check_symmetry_breaking`, :func:`check_functional_identity_layerwise`;
 :func:`verify_functional_equivalence` for the
 dense -> MoE step; :func:`quick_sanity_check` for one model; :class:`GrowthMonitor` for a
-training loop. See docs/GROWTH_VERIFICATION.md.
+training loop, on one process or on every rank of a DDP / FSDP2 model
+(:mod:`growkit.verify.distributed`); :class:`GrowthMonitorCallback` (with
+:func:`add_growth_monitor`) runs it in ``transformers.Trainer`` (imported on first use:
+growkit.verify itself does not need transformers). See docs/GROWTH_VERIFICATION.md.
 """
 
 from .api import (
@@ -54,3 +57,15 @@ __all__ = [
     "run_growth_checks",
     "verify_functional_equivalence",
 ]
+
+
+_HF_CALLBACK = ("GrowthMonitorCallback", "add_growth_monitor", "monitor_metrics")
+
+
+def __getattr__(name):
+    # transformers is optional: the Trainer callback is imported when first asked for
+    if name in _HF_CALLBACK:
+        from . import hf_callback
+
+        return getattr(hf_callback, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
