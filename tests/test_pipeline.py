@@ -369,3 +369,32 @@ def test_failed_check_stops_the_run_and_continue_resumes_it(tmp_path, monkeypatc
     recs = read_metrics(run_dir / "metrics.jsonl")
     assert [r["global_step"] for r in recs if r["kind"] == "train"] == list(range(1, 15))
     assert (run_dir / "final" / "model.safetensors").is_file()
+
+
+def test_train_after_growth_new_keeps_every_old_entry_and_logs_the_monitor(tmp_path):
+    """--train-after-growth new: phase 3 trains only what scale_bilaterally added (the new
+    layer, the clone blocks); every entry the phase-2 model had is bit-identical at the end.
+    The grown phases log GrowthMonitor figures (router load, twin divergence)."""
+    code, run = run_main(tmp_path, "new-only", "--train-after-growth", "new",
+                         "--router-init", "orthogonal", "--keep-checkpoints", "10")
+    assert code == 0
+    cfg = json.loads((run / "config.json").read_text())
+    moe = load_model(sorted((run / "checkpoints").glob("*phase2-end"))[-1])
+    start = growth.scale_bilaterally(moe, 2, 1, cfg["noise_std"], seed=cfg["seed"])
+    final = load_model(run / "final")
+    old = growth.trainable_mask(start, "old", records=start.growth_records)
+    moved = 0
+    for name, p in final.named_parameters():
+        p0, m = start.get_parameter(name), old[name]
+        if m is True:
+            assert torch.equal(p, p0), name
+        elif m is False:
+            moved += not torch.equal(p, p0)
+        else:
+            assert torch.equal(p[m], p0[m]), name
+            moved += not torch.equal(p[~m], p0[~m])
+    assert moved > 10
+    monitor = [r for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "monitor"]
+    assert {r["phase"] for r in monitor} == {2, 3}
+    assert all(0 < r["router_max_topk_share"] <= 1 for r in monitor)
+    assert all(r["min_twin_divergence"] > 0 for r in monitor if r["phase"] == 3)

@@ -142,6 +142,10 @@ class TrainConfig:
     """phase 2: experts per MoE layer, >= 2"""
     top_k: int = 2
     """phase 2: experts per token, 1 <= top_k <= n_experts"""
+    router_init: Literal["normal", "orthogonal", "zero", "hidden_pca"] = "normal"
+    """phase 2: how the fresh routers start (upcycle_to_moe; all exact): 'normal' N(0, 0.02^2), 'orthogonal' rows, 'zero' (uniform logits: every token to the same top_k experts), 'hidden_pca' (principal directions of each MLP's input on the probe batch)"""
+    train_after_growth: Literal["all", "new"] = "all"
+    """after each growth, train every parameter ('all') or only what that growth added ('new', growkit.growth.freeze_for_growth: new layers, clone blocks, routers, experts 1..E-1)"""
     aux_loss_coef: float = 0.01
     """weight of the MoE load-balancing loss in training"""
     scale_factor: int = 2

@@ -173,13 +173,17 @@ class MetricsLog:
     ``kind`` is ``"train"`` (loss of one step; ``tokens_per_s`` over the last log
     interval), ``"eval"`` (``val_loss``) or ``"growth"`` (``event`` names the operator,
     ``val_loss_before`` is the last validation loss before the growth, ``val_loss`` the
-    first after it, ``val_rel_change`` their relative difference). ``flops`` and
+    first after it, ``val_rel_change`` their relative difference) or ``"monitor"``
+    (GrowthMonitor on a grown model: ``min_twin_divergence`` of the clones,
+    ``router_min_entropy`` and ``router_max_topk_share`` over the MoE layers,
+    ``monitor_warnings``, ``monitor_s`` the tick's time). ``flops`` and
     ``tokens_seen`` are cumulative over the run; ``elapsed_s`` is training wall time.
     """
 
     KEYS = ("kind", "phase", "step", "global_step", "loss", "ce_loss", "aux_loss",
             "val_loss", "lr", "grad_norm", "tokens_per_s", "tokens_seen", "flops",
-            "elapsed_s", "event", "val_loss_before", "val_rel_change")
+            "elapsed_s", "event", "val_loss_before", "val_rel_change", "min_twin_divergence",
+            "router_min_entropy", "router_max_topk_share", "monitor_warnings", "monitor_s")
 
     def __init__(self, path: str | os.PathLike, keep: int | None = None) -> None:
         """Opens ``path``; ``keep`` truncates it to its first ``keep`` records (resume)."""

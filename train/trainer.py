@@ -156,6 +156,8 @@ class Trainer:
         self.optimizer: torch.optim.AdamW | None = None
         self.metrics: MetricsLog | None = None
         self.state: dict[str, Any] = {}
+        self.freeze = None  # growkit.growth.GrowthFreeze while training only what growth added
+        self.monitor = None  # growkit.verify.GrowthMonitor of a grown model
         self._val_cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._t0 = time.perf_counter()
         self._elapsed_before = 0.0
@@ -236,7 +238,15 @@ class Trainer:
         except Exception as e:  # verified files that still do not load: say which, in one line
             why = " ".join(str(e).split())[:300] or type(e).__name__
             raise ResumeError(f"{CHECKPOINTS_DIR}/{ckpt.name} cannot be loaded: {why}") from e
+        if cfg.train_after_growth == "new" and state["phase"] > 1:
+            # the freeze follows the growth records, which the checkpoint does not hold
+            raise ResumeRefused(
+                f"{CHECKPOINTS_DIR}/{ckpt.name} is in phase {state['phase']}, after a growth, and "
+                "TrainConfig.train_after_growth='new' needs that growth's records, which "
+                "checkpoints do not hold: resume from a phase-1 checkpoint, or rerun")
         self.model, self.optimizer, self.metrics = model, optimizer, metrics
+        if state["phase"] > 1:
+            self._start_monitor(model)
         self.state = state
         self._elapsed_before = float(state["elapsed_s"])
         self._say(f"resume: {ckpt.name} (phase {state['phase']}, step {state['phase_step']}, "
@@ -275,6 +285,28 @@ class Trainer:
                          tokens_seen=s["tokens_seen"], flops=s["flops"],
                          elapsed_s=self._elapsed())
         return val
+
+    def _start_monitor(self, model: torch.nn.Module) -> None:
+        """Watch a grown model's clones and routing every ``eval_interval`` steps (no extra
+        passes: GrowthMonitor reads the weights and the routers' latest logits)."""
+        from growkit.verify import GrowthMonitor
+
+        if self.monitor is not None:
+            self.monitor.close()
+        self.monitor = GrowthMonitor(model, every=self.cfg.eval_interval, warn=False)
+
+    def _monitor_tick(self, phase: int) -> None:
+        s = self.state
+        rec = None if self.monitor is None else self.monitor.step(s["phase_step"])
+        if rec is None:
+            return
+        router = rec.router or []
+        self.metrics.log(
+            "monitor", phase=phase, step=s["phase_step"], global_step=s["global_step"],
+            min_twin_divergence=rec.min_twin_divergence,
+            router_min_entropy=min((r["entropy"] for r in router), default=None),
+            router_max_topk_share=max((r["topk_share"] for r in router), default=None),
+            monitor_warnings=len(rec.warnings), monitor_s=rec.seconds)
 
     def probe(self) -> torch.Tensor:
         """The fixed [probe_batch_size, seq_len] batch of validation tokens the checks use."""
@@ -371,6 +403,7 @@ class Trainer:
                 else:
                     interval_time += time.perf_counter() - t
                 bar.update(1)
+                self._monitor_tick(phase)
                 if s["phase_step"] % cfg.eval_interval == 0 or last \
                         or self._spike_eval(phase, s["phase_step"]):
                     self._evaluate_and_log()
@@ -410,7 +443,9 @@ class Trainer:
 
         cfg = self.cfg
         if phase == 2:
-            return growth.upcycle_to_moe(old, cfg.n_experts, cfg.top_k, seed=cfg.seed)
+            calibration = self.probe() if cfg.router_init == "hidden_pca" else None
+            return growth.upcycle_to_moe(old, cfg.n_experts, cfg.top_k, seed=cfg.seed,
+                                         router_init=cfg.router_init, calibration=calibration)
         return growth.scale_bilaterally(old, cfg.scale_factor, cfg.extra_layers, cfg.noise_std,
                                         depth_mode=cfg.depth_mode, seed=cfg.seed)
 
@@ -486,6 +521,15 @@ class Trainer:
             n = growth.transfer_adam_state(old_model, new_model, old_opt, new_opt)
             self._say(f"  Adam state carried over for {n} of "
                       f"{sum(1 for _ in new_model.parameters())} parameters")
+        if self.freeze is not None:
+            self.freeze.remove()
+            self.freeze = None
+        if cfg.train_after_growth == "new":
+            # what this growth added trains; the rest stays bit-identical (restored after
+            # every optimizer step, so AdamW's decay and carried momentum cannot move it)
+            self.freeze = growth.freeze_for_growth(new_model, "new", records=new_model.growth_records)
+            self._say(f"  training only what phase {phase}'s growth added: {self.freeze.summary()}")
+        self._start_monitor(new_model)
         self.model, self.optimizer = new_model, new_opt
         s.update(phase=phase, phase_step=0, phase_done=False)
         s["phase_models"][str(phase)] = new_model.config.to_dict()
