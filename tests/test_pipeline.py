@@ -151,6 +151,7 @@ def test_cli_train_subcommand(capsys):
 @pytest.mark.parametrize("kw", [
     dict(), dict(n_experts=4, top_k=2), dict(tie_embeddings=True),
     dict(n_kv_heads=1, attn_bias=True, mlp_bias=True, n_experts=2, top_k=1),
+    dict(n_experts=4, top_k=2, dense_layers=(0,)),  # partial upcycling
 ])
 def test_parameter_counts_and_flops(kw):
     cfg = ModelConfig(vocab_size=100, d_model=32, n_layers=2, n_heads=4, **kw)

@@ -55,22 +55,20 @@ def parameter_counts(model_config) -> dict[str, int]:
         attn += q_dim + 2 * kv_dim + d
     mlp = 3 * d * f + ((2 * f + d) if c.mlp_bias else 0)
     norms = 2 * d
-    if c.n_experts > 0:
-        experts_per_layer = c.n_experts * mlp
-        router = c.n_experts * d
-        active_mlp = c.top_k * mlp + router
-    else:
-        experts_per_layer, router, active_mlp = 0, 0, mlp
-    per_layer_total = attn + norms + (experts_per_layer + router if c.n_experts else mlp)
+    # partial upcycling (ModelConfig.dense_layers): those layers keep a dense MLP
+    n_moe = L - len(getattr(c, "dense_layers", ()) or ()) if c.n_experts > 0 else 0
+    experts_per_layer = c.n_experts * mlp
+    router = c.n_experts * d
+    moe_total, moe_active = experts_per_layer + router, c.top_k * mlp + router
     embedding = V * d
     head = 0 if c.tie_embeddings else V * d
-    total = embedding + head + L * per_layer_total + d
+    total = embedding + head + L * (attn + norms) + n_moe * moe_total + (L - n_moe) * mlp + d
     # The output matrix is multiplied by every token, tied or not.
-    active = L * (attn + norms + active_mlp) + d + V * d
+    active = L * (attn + norms) + n_moe * moe_active + (L - n_moe) * mlp + d + V * d
     return {
         "total": int(total),
         "embedding": int(embedding),
-        "experts": int(L * experts_per_layer),
+        "experts": int(n_moe * experts_per_layer),
         "active": int(active),
     }
 
