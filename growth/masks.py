@@ -96,6 +96,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from growkit.validate import choice, real_number
+
 from .adapters import get_adapter
 from .records import GrowthRecord, Source
 from .roles import ROLE_RULES
@@ -271,8 +273,7 @@ def _compose(records: list[GrowthRecord], layer_rx: re.Pattern, experts: str) ->
 
 def _regions(model: nn.Module, records=None, experts: str = "first_old") -> dict[str, _Region]:
     """Per parameter name (``model.named_parameters()``): where its old entries are."""
-    if experts not in EXPERT_CHOICES:
-        raise ValueError(f"experts must be one of {EXPERT_CHOICES}, got {experts!r}")
+    choice(experts, "experts", EXPERT_CHOICES)
     records = resolve_records(model, records)
     adapter = get_adapter(model, "growth masks")
     layers = getattr(getattr(adapter, "family", None), "layers", None)
@@ -313,8 +314,7 @@ def _regions(model: nn.Module, records=None, experts: str = "first_old") -> dict
 
 
 def _check_which(which: str) -> str:
-    if which not in WHICH:
-        raise ValueError(f"which must be one of {WHICH}, got {which!r}")
+    choice(which, "which", WHICH)
     return which
 
 
@@ -594,9 +594,8 @@ def growth_param_groups(model: nn.Module, lr_new: float, lr_old: float, weight_d
         no_decay_1d: no decay for 1-D tensors (the usual LLaMA / GPT convention).
         records, experts: as for :func:`trainable_mask`.
     """
-    for label, v in (("lr_new", lr_new), ("lr_old", lr_old), ("weight_decay", weight_decay)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0 or v == float("inf"):
-            raise ValueError(f"{label} must be a finite number >= 0, got {v!r}")
+    lr_new, lr_old = real_number(lr_new, "lr_new", min=0), real_number(lr_old, "lr_old", min=0)
+    weight_decay = real_number(weight_decay, "weight_decay", min=0)
     regions = _regions(model, records, experts)
     params = dict(model.named_parameters())
     top = max(lr_new, lr_old)

@@ -67,7 +67,7 @@ import torch
 from torch import nn
 
 from growkit.kernels.memory import check_memory
-from growkit.validate import ArgumentKindError, choice, real_number, whole_number
+from growkit.validate import ArgumentKindError, choice, flag, real_number, whole_number
 from growkit.validate import seed as check_seed
 
 from .adapters import ADAPTERS, PART, get_adapter
@@ -96,8 +96,7 @@ def check_moe_args(n_experts, top_k, router_std=DEFAULT_ROUTER_STD, expert_noise
     expert_noise_std = real_number(expert_noise_std, "expert_noise_std", min=0.0)
     seed = check_seed(seed)
     choice(router_init, "router_init", ROUTER_INITS)
-    if not isinstance(norm_topk_prob, bool):
-        raise ArgumentKindError(f"norm_topk_prob must be True, False or None, got {norm_topk_prob!r}")
+    norm_topk_prob = flag(norm_topk_prob, "norm_topk_prob")
     if not norm_topk_prob and top_k != n_experts:
         raise ValueError(
             f"norm_topk_prob=False with top_k={top_k} < n_experts={n_experts} cannot be "
@@ -291,8 +290,8 @@ def upcycle_to_moe(
     adapter = get_adapter(model, "MoE upcycling")
     target = target_adapter(adapter)
     always = "renormalized_topk" in target.family.quirks
-    if norm_topk_prob is not None and not isinstance(norm_topk_prob, bool):
-        raise ArgumentKindError(f"norm_topk_prob must be True, False or None, got {norm_topk_prob!r}")
+    if norm_topk_prob is not None:
+        flag(norm_topk_prob, "norm_topk_prob")
     if norm_topk_prob is None:
         norm_topk_prob = bool(adapter.cfg(model, "norm_topk_prob", True)) if not always else True
     elif always and norm_topk_prob is not True:
