@@ -29,6 +29,7 @@ from torch import nn
 from growkit.growth.adapters import get_adapter
 
 from .context import Comparison
+from .distributed import expert_counts
 from .pairing import ORIGINAL
 from .report import FAILED, PASSED, SKIPPED, CheckResult
 from .stats import abs_stats, diff_stats, relative
@@ -57,12 +58,8 @@ def expert_load(logits: list[torch.Tensor], top_k: int) -> list[dict]:
     """
     if not logits:
         return []
-    x = torch.stack([t.float() for t in logits])  # [L, N, E]
-    L, N, E = x.shape
-    k = min(top_k, E)
-    idx = x.topk(k, dim=-1).indices.reshape(L, N * k)
-    counts = torch.zeros(L, E, dtype=torch.float32, device=x.device)
-    counts.scatter_add_(1, idx, torch.ones_like(idx, dtype=torch.float32))
+    counts = expert_counts(logits, top_k)
+    (L, E), N, k = counts.shape, logits[0].shape[0], min(top_k, logits[0].shape[-1])
     p = counts / max(N * k, 1)
     ent = -(p * torch.log(p.clamp_min(1e-30))).sum(dim=1) / math.log(E) if E > 1 else torch.ones(L)
     share = counts / max(N, 1)
