@@ -218,7 +218,7 @@ class VerifyArgs:
     device: Literal["cpu", "cuda"] = "cpu"
     """where the checks run"""
     layerwise: bool = False
-    """load one layer of each model at a time (checkpoints bigger than memory)"""
+    """load one module's weights of each model at a time (checkpoints bigger than memory)"""
     save_report: bool = False
     """also store the report in DST's growth.json and model card"""
 

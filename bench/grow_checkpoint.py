@@ -7,7 +7,8 @@ shards; written tensor by tensor, never whole in memory), then, each in its own 
   1.3 x (largest grown tensor + its source) + 300 MB, and wall time against ``cp`` of the
   grown files on the same disk, in the same run;
 * ``growkit verify SRC DST --layerwise``: peak RSS against the same bound;
-* a bare ``import`` of the same modules: the interpreter's own share of those figures.
+* a bare ``import`` of the same modules: the interpreter's own share of those figures
+  (for ``verify`` also transformers' model code, which it builds the models from).
 
     python bench/grow_checkpoint.py                 # ~2 GB source, ~8 GB grown
     python bench/grow_checkpoint.py --layers 4      # smaller, for a quick look
@@ -126,6 +127,11 @@ def main() -> None:
         source_of_it = grown_largest // (2 if grown_largest == args.vocab * args.hidden * 8 else 4)
         bound = 1.3 * (grown_largest + source_of_it) + 300 * 2**20
         base_rss, _, _ = child("import growkit.checkpoint_cli, growkit.growth.stream, transformers\nrc = 0")
+        verify_base_rss, _, _ = child("import torch, growkit.checkpoint_cli, growkit.verify.layerwise\n"
+                                      "from transformers import AutoConfig, AutoModelForCausalLM\n"
+                                      "with torch.device('meta'):\n"
+                                      f"    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained({str(src)!r}))\n"
+                                      "rc = 0")
         grow_rss, grow_s, rc = child(
             f"from growkit.cli import main\nrc = main(['grow', {str(src)!r}, {str(dst)!r}, '--width', '2', '--no-progress'])")
         assert rc == 0, "growkit grow failed"
@@ -145,6 +151,7 @@ def main() -> None:
             "its_source_bytes": source_of_it,
             "rss_bound_bytes": int(bound),
             "import_only_rss_bytes": base_rss,
+            "verify_import_only_rss_bytes": verify_base_rss,
             "grow": dict(peak_rss_bytes=grow_rss, seconds=round(grow_s, 2), within_bound=grow_rss <= bound),
             "cp_of_grown_files_seconds": round(cp_s, 2),
             "grow_over_cp": round(grow_s / cp_s, 3),
@@ -156,7 +163,8 @@ def main() -> None:
                      seconds=round(grow_s, 2), cp_seconds=round(cp_s, 2), ratio_to_cp=round(grow_s / cp_s, 3)),
                 dict(command="growkit verify --layerwise", peak_rss_mb=round(verify_rss / 2**20), bound_mb=round(bound / 2**20),
                      seconds=round(verify_s, 2)),
-                dict(command="import only", peak_rss_mb=round(base_rss / 2**20))]
+                dict(command="import only", peak_rss_mb=round(base_rss / 2**20)),
+                dict(command="import only (verify: + model code)", peak_rss_mb=round(verify_base_rss / 2**20))]
         print(write_results("grow_checkpoint", torch.device("cpu"), results, rows)[0])
     finally:
         if args.dir is None:

@@ -1,28 +1,44 @@
-"""The growth checks on checkpoints bigger than memory: one layer of each model at a time.
+"""The growth checks on checkpoints bigger than memory: one weight of each model at a time.
 
-Each model is built on the meta device; its global tensors (embeddings, final norm, LM
-head) and buffers are materialized, and every decoder layer is loaded from the checkpoint
-by a forward pre-hook and dropped back to meta by a forward hook. The forward-pass checks
-(RoPE integrity, router scaling, functional identity, the sanity check) then run unchanged.
+Each model is built on the meta device; its small global tensors (final norm) and buffers
+are materialized. Every module of a decoder layer loads its own parameters from the
+checkpoint when it runs (a forward pre-hook) and drops them back to meta right after (a
+forward hook); the input embedding reads only the rows of the ids it is given; the LM head
+computes its logits reading its weight in chunks of rows (:class:`_DiskHead`). A forward
+pass thus holds one weight at a time besides the activations, and the forward-pass checks
+(RoPE integrity, router scaling, functional identity, the sanity check) run unchanged.
+They run first; their stored activations are dropped before the symmetry check.
 
 The symmetry check needs gradients: a second forward pass takes the gradient at the last
-layer's output; then, from the top layer down, each layer is loaded, run again on the
-input it saw (with the arguments the model passed it), and back-propagated; its twins are
-measured and it is dropped. Peak memory: the global tensors, one layer of each model with
-its gradients, and the activations of the probe. The verdicts equal the in-memory check's
-(tests/test_grow_cli.py compares them).
+layer's output (and the LM head's inputs and output gradients: its weight gradient is made
+in chunks of rows when measured); then, from the top layer down, each layer is run again
+on the input it saw (with the arguments the model passed it) and back-propagated, module
+by module as in the forward passes (:class:`_LayerBackward`), and its twins are measured.
+The embeddings' tables are measured in chunks read from disk. No [V, d] tensor, and no
+whole decoder layer, is ever held: peak memory is one weight (or chunk) and the probe's
+activations. The verdicts equal the in-memory check's, the figures up to float rounding
+(tests/test_grow_cli.py, tests/test_streaming_stats.py compare them).
+
+NOTE: measured with bench/grow_checkpoint.py (a 0.5B-parameter float32 Llama grown x2 to
+7.6 GB, seq-len 32): the peak RSS of ``growkit verify --layerwise`` went from 1.86 GB, when
+a decoder layer (243 MB) and the LM head (262 MB) were loaded whole with autograd's
+gradients and the statistics' stacked copies, to about 0.7 GB, of which 0.49 GB is the
+interpreter with torch and transformers' model code imported.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from growkit.growth.adapters import get_family_adapter
+from growkit.growth.adapters import PART, get_family_adapter
 from growkit.growth.stream import CheckpointReader
+from growkit.kernels.memory import release_freed_memory
 
 from . import symmetry
 from .api import _meta
@@ -35,9 +51,43 @@ from .router import router_check
 from .sanity import quick_sanity_check
 from .symmetry import has_upcycled_experts, measure_twins, symmetry_check
 
+# rows of an embedding read from disk at a time (the LM head's forward pass)
+READ_CHUNK_BYTES = {"cpu": 16 * 2**20, "cuda": 256 * 2**20}
+
+
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Build modules with their parameters on the meta device and their buffers real."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        if param is not None and not param.is_meta:
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def _plain_linear(module: nn.Module) -> bool:
+    """A ``torch.nn.Linear`` computing ``x @ W^T + b`` (no subclass forward, no parametrization)."""
+    from torch.nn.utils import parametrize
+
+    return (isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
+            and not parametrize.is_parametrized(module))
+
+
+def _gatherable(module: nn.Module) -> bool:
+    """An embedding whose output for some ids needs only those rows of its table."""
+    return isinstance(module, nn.Embedding) and module.max_norm is None and not module.sparse
+
 
 class OffloadedModel:
-    """A Hugging Face checkpoint as a model whose decoder layers live on disk until they run."""
+    """A Hugging Face checkpoint as a model whose weights live on disk until they are used
+    (see the module doc)."""
 
     def __init__(self, directory, device: str | torch.device = "cpu") -> None:
         from transformers import AutoModelForCausalLM
@@ -56,17 +106,28 @@ class OffloadedModel:
         self.layers = adapter.layer_modules(model)
         # held parameter name -> its layer (None: global), from the checkpoint's names
         self.by_layer: dict[int | None, list[str]] = {}
+        # real parameter name -> the held names it is made of (parts of a fused one stored apart)
+        self.held_of: dict[str, list[str]] = {}
         for name in self.index:
             layer = next(iter(adapter.roles_for_names([name]).values())).layer
             self.by_layer.setdefault(layer, []).append(name)
+            m = PART.match(name)
+            self.held_of.setdefault(m.group(1) if m else name, []).append(name)
         self._buffers = self._real_buffers(config, dtype)
         self._materialize_globals()
         for p in model.parameters():
             p.requires_grad_(False)
+        prefix = adapter.family.layers
         for i, layer in enumerate(self.layers):
-            layer.register_forward_pre_hook(self._loader(i))
+            for module_name, module in layer.named_modules():
+                own = {n: f"{prefix}.{i}." + (f"{module_name}." if module_name else "") + n
+                       for n, p in module._parameters.items() if p is not None}
+                if own:
+                    module.register_forward_pre_hook(self._module_loader(i, module, own))
+                    module.register_forward_hook(self._module_unloader(i, module))
             layer.register_forward_hook(self._unloader(i))
-        self.keep_loaded: int | None = None  # a layer the backward pass holds
+        self.keep_loaded: int | None = None  # a layer held loaded (load_layer)
+        self.backward: _LayerBackward | None = None  # the layer the symmetry check back-propagates
 
     # ------------------------------------------------------------------ loading
     def _load(self, names: list[str]) -> dict[str, torch.Tensor]:
@@ -74,7 +135,8 @@ class OffloadedModel:
 
     def _real_buffers(self, config, dtype) -> dict[str, torch.Tensor]:
         """The non-persistent buffers (RoPE frequencies, embedding scales) of this config, from
-        a one-layer copy of it with a tiny vocabulary (they depend on neither)."""
+        a one-layer copy of it with a tiny vocabulary (they depend on neither), built with its
+        parameters on meta (one real layer of a large model is hundreds of MB)."""
         from transformers import AutoModelForCausalLM
 
         small = copy.deepcopy(config)
@@ -88,7 +150,7 @@ class OffloadedModel:
         for attr in ("pad_token_id", "bos_token_id", "eos_token_id"):
             if getattr(small, attr, None) is not None:
                 setattr(small, attr, None)
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _parameters_on_meta():
             warnings.simplefilter("ignore")
             mini = AutoModelForCausalLM.from_config(small, attn_implementation="eager", dtype=dtype)
         prefix = self.adapter.family.layers + "."
@@ -108,8 +170,10 @@ class OffloadedModel:
                 self.model.get_submodule(module_name)._buffers[attr] = buf
 
     def _materialize_globals(self) -> None:
-        """Small global tensors (final norm) stay loaded; the embeddings, the largest tensors
-        of the model, are loaded when their module runs (:meth:`load_embedding`)."""
+        """Small global tensors (final norm) stay loaded. The embeddings, the largest tensors
+        of the model, are read when their module runs: the rows of the ids given (the input
+        embedding), in chunks of rows (the LM head, :class:`_DiskHead`); a module of another
+        kind is loaded whole while it runs (:meth:`load_embedding`)."""
         model = self.model
         self.embeddings = [m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None]
         big = {id(m.weight) for m in self.embeddings}
@@ -123,20 +187,64 @@ class OffloadedModel:
         small = [n for n in self.by_layer.get(None, []) if id(names.get(n)) not in big]
         model.load_state_dict(self._load(small), strict=False, assign=True)
         self._set_buffers()
-        self.keep_embeddings = False
+        self.keep_embeddings: set[str] = set()  # embeddings (by name) that stay loaded after they run
+        self.disk_head: _DiskHead | None = None
+        self._swapped: dict = {}
+        head = model.get_output_embeddings()
         for module in self.embeddings:
-            module.register_forward_pre_hook(self._embedding_loader)
-            module.register_forward_hook(self._embedding_unloader)
+            single = len(self.index.get(self.embedding_names[module], [])) == 1
+            if module is head and single and _plain_linear(module):
+                self.disk_head = _DiskHead(self, module, self.embedding_names[module])
+            elif module is not head and single and _gatherable(module):
+                module.register_forward_pre_hook(self._gather_rows, with_kwargs=True)
+                module.register_forward_hook(self._gathered)
+            else:
+                module.register_forward_pre_hook(self._embedding_loader)
+                module.register_forward_hook(self._embedding_unloader)
         missing = [n for n, p in model.named_parameters() if p.is_meta and self.adapter.family.layers + "." not in n
                    and id(p) not in big]
         if missing:
             raise ValueError(f"the checkpoint lacks {missing[:5]}")
 
+    def disk_name(self, module) -> str:
+        """The checkpoint tensor of an embedding module."""
+        return self.index[self.embedding_names[module]][0][1]
+
+    def embedding_rows(self, module, rows: torch.Tensor) -> torch.Tensor:
+        """Rows ``rows`` (sorted, distinct) of an embedding's table, read from disk unless loaded."""
+        if not module.weight.is_meta:
+            return module.weight.detach()[rows].clone()
+        return self.reader.get_index(self.disk_name(module), rows)
+
+    def weight_source(self, module) -> symmetry._RowSource:
+        """An embedding's table read from disk in chunks of rows (for its statistics)."""
+        disk = self.disk_name(module)
+        spec = self.reader.specs[disk]
+        return symmetry._RowSource(spec.shape, spec.dtype, self.device,
+                                   lambda a, b: self.reader.get_rows(disk, a, b))
+
+    def _gather_rows(self, module, args, kwargs):
+        """Before the input embedding runs: its table is the rows of the ids given only."""
+        if not module.weight.is_meta:
+            return None
+        ids = args[0] if args else kwargs["input"]
+        rows, inverse = torch.unique(ids.reshape(-1), return_inverse=True)
+        self._swapped[module] = (module.weight, module.padding_idx)
+        # padding_idx only stops gradients (none flow here) and must index the full table
+        module.weight = nn.Parameter(self.embedding_rows(module, rows), requires_grad=False)
+        module.padding_idx = None
+        inverse = inverse.reshape(ids.shape)
+        return ((inverse, *args[1:]), kwargs) if args else (args, dict(kwargs, input=inverse))
+
+    def _gathered(self, module, _args, _out) -> None:
+        if module in self._swapped:
+            module.weight, module.padding_idx = self._swapped.pop(module)
+
     def _embedding_loader(self, module, _args) -> None:
         self.load_embedding(module)
 
     def _embedding_unloader(self, module, _args, _out) -> None:
-        if not self.keep_embeddings:
+        if self.embedding_names[module] not in self.keep_embeddings:
             self.unload_embedding(module)
 
     def _tied_modules(self, module) -> list[nn.Module]:
@@ -169,21 +277,47 @@ class OffloadedModel:
     def unload_layer(self, i: int) -> None:
         layer = self.layers[i]
         for module in layer.modules():
-            for name, p in list(module._parameters.items()):
-                if p is not None:
-                    module._parameters[name] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+            self._unload_module(module)
 
-    def _loader(self, i: int):
+    @staticmethod
+    def _unload_module(module: nn.Module) -> None:
+        for name, p in list(module._parameters.items()):
+            if p is not None and not p.is_meta:
+                module._parameters[name] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+
+    def _module_loader(self, i: int, module: nn.Module, own: dict[str, str]):
         def hook(_module, _args):
-            if self.keep_loaded != i:
-                self.load_layer(i)
+            backward = self.backward if self.backward is not None and self.backward.index == i else None
+            wanted = {n: full for n, full in own.items() if backward is None or full not in backward.streamed}
+            if all(not module._parameters[n].is_meta for n in wanted):
+                return  # loaded already (or read by the module itself)
+            state = self._load([h for full in wanted.values() for h in self.held_of.get(full, [])])
+            for n, full in wanted.items():
+                if full not in state:
+                    raise ValueError(f"the checkpoint lacks {full!r}")
+                p = nn.Parameter(state[full], requires_grad=backward is not None)
+                module._parameters[n] = p
+                if backward is not None:
+                    backward.loaded(full, p)
+
+        return hook
+
+    def _holds(self, i: int) -> bool:
+        """Layer ``i``'s parameters stay loaded after its modules run."""
+        return self.keep_loaded == i or (self.backward is not None and self.backward.index == i)
+
+    def _module_unloader(self, i: int, module: nn.Module):
+        def hook(_module, _args, _out):
+            if not self._holds(i):
+                self._unload_module(module)
 
         return hook
 
     def _unloader(self, i: int):
         def hook(_module, _args, _out):
-            if self.keep_loaded != i:
+            if not self._holds(i):
                 self.unload_layer(i)
+                release_freed_memory()  # the layer's activations were freed into the heap
 
         return hook
 
@@ -191,31 +325,116 @@ class OffloadedModel:
         self.reader.close()
 
 
-def _measure_one(model, param: nn.Parameter, scale: int, expert_twins: bool) -> list[dict]:
-    """Twin rows of one loaded parameter (its gradient is freed afterwards)."""
-    name = [n for n, p in model.named_parameters() if p is param][0]
-    rows = measure_twins(model, {name: param.grad}, scale, expert_twins, names={name})
-    param.grad = None
-    return rows
+def _read_chunks(rows: int, row_bytes: int, device: torch.device) -> list[tuple[int, int]]:
+    step = max(1, READ_CHUNK_BYTES.get(device.type, READ_CHUNK_BYTES["cpu"]) // max(1, row_bytes))
+    return [(a, min(a + step, rows)) for a in range(0, rows, step)] or [(0, 0)]
 
 
-def _embedding_backward(off: OffloadedModel, embed: nn.Module, probe: torch.Tensor, g: torch.Tensor) -> None:
-    """Add the input side's gradient to the embedding's ``.grad`` (the head side's may be there).
+class _DiskHeadFunction(torch.autograd.Function):
+    """The LM head's logits and input gradient, its weight read in chunks of rows."""
 
-    NOTE: the embedding module is run on the rows the probe uses only (a [U, d] copy with the
-    ids remapped), and the result added into a [V, d] gradient: autograd's dense embedding
-    backward on the CPU measured about five [V, d] temporaries (1.3 GB for a 32000 x 2048
-    float32 table). The module itself runs, so a scale it applies (Gemma's normalizer) is in
-    the gradient; ``padding_idx`` rows get none, as in autograd.
+    @staticmethod
+    def forward(ctx, x, bias, head):
+        ctx.head = head
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x)
+        return head.logits(x, bias)
+
+    @staticmethod
+    def backward(ctx, g):
+        head = ctx.head
+        (x,) = ctx.saved_tensors
+        g2 = g.reshape(-1, g.shape[-1])
+        if head.capture is not None:  # for the weight gradient, made in chunks when measured
+            head.capture.append((x.detach().reshape(-1, x.shape[-1]), g2))
+        dx = head.input_grad(g2).reshape(x.shape) if ctx.needs_input_grad[0] else None
+        db = g2.sum(0) if ctx.has_bias and ctx.needs_input_grad[1] else None
+        return dx, db, None
+
+
+class _DiskHead:
+    """An LM head (a plain linear map) whose weight stays on disk: the logits, the gradient
+    at its input and its weight's statistics are computed reading the weight in chunks of
+    rows; its weight gradient is made in chunks from the inputs and output gradients it saw
+    (``capture``, set by the symmetry check).
+
+    NOTE: the head, [V, s*d], is the largest tensor of a grown model (262 MB for the bench's
+    32000 x 2048 float32 one, bench/grow_checkpoint.py); loaded whole with its gradient, and
+    the statistics' copies, it was most of ``verify --layerwise``'s peak memory (1.86 GB).
+    Where the weight is one chunk the products are those F.linear and autograd compute
+    (bitwise); chunks differ by float rounding at most.
     """
-    weight = off.load_embedding(embed)
+
+    def __init__(self, off: OffloadedModel, module: nn.Linear, name: str) -> None:
+        self.off, self.module, self.name = off, module, name
+        self.disk = off.index[name][0][1]
+        spec = off.reader.specs[self.disk]
+        self.shape, self.dtype = spec.shape, spec.dtype
+        self.capture: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        row_bytes = spec.nbytes // max(1, spec.shape[0])
+        self.chunks = _read_chunks(spec.shape[0], row_bytes, off.device)
+        module.forward = self.forward  # an instance attribute: the module's hooks still run
+
+    def rows(self, a: int, b: int) -> torch.Tensor:
+        return self.off.reader.get_rows(self.disk, a, b)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _DiskHeadFunction.apply(x, self.module.bias, self)
+
+    def logits(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if len(self.chunks) == 1:
+            return F.linear(x, self.rows(0, self.shape[0]), bias)
+        out = x.new_empty((*x.shape[:-1], self.shape[0]))
+        for a, b in self.chunks:
+            out[..., a:b] = F.linear(x, self.rows(a, b), None if bias is None else bias[a:b])
+        return out
+
+    def input_grad(self, g: torch.Tensor) -> torch.Tensor:
+        out = None
+        for a, b in self.chunks:
+            part = g[:, a:b].mm(self.rows(a, b))
+            out = part if out is None else out.add_(part)
+        return out
+
+    def grad_rows(self, a: int, b: int) -> torch.Tensor:
+        """Rows a..b of the weight gradient: grad_out[:, a:b]^T @ input (as autograd)."""
+        return _linear_grad(self.capture or [], slice(a, b), (b - a, *self.shape[1:]), self.dtype, self.off.device)
+
+    def grad_source(self) -> symmetry._RowSource:
+        return symmetry._RowSource(self.shape, self.dtype, self.off.device, self.grad_rows)
+
+
+def _linear_grad(parts, cols, shape, dtype, device) -> torch.Tensor:
+    """Rows ``cols`` of a linear map's weight gradient from its (input, output gradient) pairs."""
+    out = None
+    for x, g in parts:
+        part = g[:, cols if isinstance(cols, slice) else cols.to(g.device)].t().mm(x)
+        out = part if out is None else out.add_(part)
+    if out is None:  # it did not run into the loss: no gradient
+        return torch.zeros(shape, dtype=dtype, device=device)
+    return out.to(dtype)
+
+
+def _embedding_backward(off: OffloadedModel, embed: nn.Module, probe: torch.Tensor,
+                        g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The input side's gradient of the embedding: the rows the probe uses, and theirs.
+
+    NOTE: the embedding module is run on the rows the probe uses only (a [U, d] table read
+    from disk, the ids remapped): autograd's dense embedding backward on the CPU measured
+    about five [V, d] temporaries (1.3 GB for a 32000 x 2048 float32 table), and the [V, d]
+    gradient is made in chunks of rows when measured (:func:`_embedding_gradient`). The
+    module's own forward runs, so a scale it applies (Gemma's normalizer) is in the
+    gradient; ``padding_idx`` rows get none, as in autograd.
+    """
     rows, inverse = torch.unique(probe.reshape(-1), return_inverse=True)
-    small = nn.Parameter(weight.detach()[rows].clone())
-    pad = getattr(embed, "padding_idx", None)
+    small = nn.Parameter(off.embedding_rows(embed, rows))
+    weight, pad = embed.weight, getattr(embed, "padding_idx", None)
     try:
-        embed.weight, embed.padding_idx = small, None
+        embed.weight = small
+        if pad is not None:
+            embed.padding_idx = None
         with torch.enable_grad():
-            e = embed(inverse.reshape(probe.shape))
+            e = embed.forward(inverse.reshape(probe.shape))  # not through the hooks: the table is set
             if e.shape != g.shape:  # pragma: no cover - a family whose first layer input is not the embedding
                 raise ValueError(f"{off.adapter.name}: the first layer's input is not the embedding output")
             e.backward(g)
@@ -226,9 +445,214 @@ def _embedding_backward(off: OffloadedModel, embed: nn.Module, probe: torch.Tens
     part = small.grad
     if pad is not None:
         part[rows == pad] = 0
-    if weight.grad is None:
-        weight.grad = torch.zeros_like(weight)
-    weight.grad.index_add_(0, rows, part)
+    return rows, part
+
+
+def _embedding_gradient(shape, dtype, device, used: torch.Tensor, part: torch.Tensor, head_rows=None,
+                        dense: torch.Tensor | None = None) -> symmetry._RowSource:
+    """The embedding's gradient in chunks of rows: the output side's (a tied head's chunk,
+    or the ``.grad`` autograd left), plus the input side's rows ``used``."""
+
+    def rows(a: int, b: int) -> torch.Tensor:
+        if head_rows is not None:
+            out = head_rows(a, b)
+        elif dense is not None:
+            out = dense[a:b].clone()
+        else:
+            out = torch.zeros((b - a, *shape[1:]), dtype=dtype, device=device)
+        inside = ((used >= a) & (used < b)).nonzero().reshape(-1)
+        if inside.numel():
+            out.index_add_(0, used[inside] - a, part[inside].to(out.dtype))
+        return out
+
+    return symmetry._RowSource(shape, dtype, device, rows)
+
+
+def _linear_rows(adapter, model, name: str, weight: torch.Tensor) -> dict[str, int] | None:
+    """Role name -> first row in the weight, for a linear map's weight (its parts, when
+    fused along dim 0); None for one fused along another dim."""
+    parts = adapter.split(model, {name: weight})
+    if len(parts) == 1:
+        return {next(iter(parts)): 0}
+    if adapter.fused_dim(name) != 0:
+        return None
+    base, step = weight.storage_offset(), weight.stride(0)
+    return {role: (t.storage_offset() - base) // step for role, t in parts.items()}
+
+
+class _StreamedLinearFunction(torch.autograd.Function):
+    """A linear map whose weight is read for its forward pass and again for its backward."""
+
+    @staticmethod
+    def forward(ctx, x, bias, lin):
+        w = lin.weight()
+        lin.measure_weight(w)
+        ctx.lin, ctx.has_bias = lin, bias is not None
+        ctx.save_for_backward(x)
+        return F.linear(x, w, bias)
+
+    @staticmethod
+    def backward(ctx, g):
+        lin = ctx.lin
+        (x,) = ctx.saved_tensors
+        g2 = g.reshape(-1, g.shape[-1])
+        lin.captured.append((x.detach().reshape(-1, x.shape[-1]), g2))
+        dx = g2.mm(lin.weight()).reshape(x.shape) if ctx.needs_input_grad[0] else None
+        db = g2.sum(0) if ctx.has_bias and ctx.needs_input_grad[1] else None
+        return dx, db, None
+
+
+class _StreamedLinear:
+    """A linear map of the layer being back-propagated whose weight the module never holds:
+    read from disk for its forward pass (its statistics taken then) and for its backward
+    pass, its weight gradient made in chunks from its inputs and output gradients."""
+
+    def __init__(self, backward: "_LayerBackward", module: nn.Linear, name: str, rows: dict[str, int]) -> None:
+        self.backward, self.module, self.name, self.rows = backward, module, name, rows
+        self.captured: list[tuple[torch.Tensor, torch.Tensor]] = []
+        module.forward = self.forward  # an instance attribute: the module's hooks still run
+
+    def weight(self) -> torch.Tensor:
+        off = self.backward.off
+        return off._load(off.held_of[self.name])[self.name]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and not x.requires_grad:  # the gradient at the output is needed
+            x = x.detach().requires_grad_(True)
+        return _StreamedLinearFunction.apply(x, self.module.bias, self)
+
+    def measure_weight(self, w: torch.Tensor) -> None:
+        b = self.backward
+        parts = b.off.adapter.split(b.off.model, {self.name: w})
+        for role in self.rows:
+            if role in b.axes and role not in b.weights:
+                b.weights[role] = symmetry._twin_sums([parts[role]], b.axes[role])[0]
+
+    def restore(self) -> None:
+        self.module.__dict__.pop("forward", None)
+
+    def grad_sources(self) -> dict[str, symmetry._RowSource]:
+        b, w = self.backward, self.module.weight  # meta: the shapes
+        parts = b.off.adapter.split(b.off.model, {self.name: w})
+        return {role: _linear_grad_source(self.captured, first, tuple(parts[role].shape), b.axes[role], w.dtype,
+                                          b.off.device)
+                for role, first in self.rows.items() if role in b.axes}
+
+
+class _LayerBackward:
+    """Decoder layer ``index`` run again on the input it saw and back-propagated, its twins
+    measured.
+
+    NOTE: a whole decoder layer of the bench's model grown x2 is 243 MB of float32 weights,
+    and as much again in gradients: held together next to the interpreter and the probe's
+    activations they were the peak memory once the embeddings were streamed. Here the layer
+    is run module by module as in the forward passes: a linear map's weight is read when
+    its forward and its backward need it (:class:`_StreamedLinear`) and gets no gradient
+    from autograd (its gradient is made in chunks of rows when measured, as the LM head's);
+    the other parameters (norms, biases, routers, stacked experts) stay loaded until the
+    backward pass is done, each gradient measured and freed as soon as autograd has
+    accumulated it (a post-accumulate-grad hook). Every weight's statistics are taken while
+    it is loaded. Peak: one weight, the small parameters and the activations of one layer.
+    """
+
+    def __init__(self, off: OffloadedModel, index: int, scale: int, expert_twins: bool) -> None:
+        self.off, self.index, self.scale, self.expert_twins = off, index, scale, expert_twins
+        model, adapter = off.model, off.adapter
+        layer = off.layers[index]
+        prefix = f"{adapter.family.layers}.{index}."
+        self.names = set(adapter.split(model, {prefix + k: None for k, _ in layer.named_parameters()}))
+        self.axes = {item[0]: item[2] for item in symmetry._items(model, scale, expert_twins) if item[0] in self.names}
+        self.weights: dict[str, symmetry._TwinSums] = {}
+        self.grads: dict = {}
+        self.handles = []
+        self.streamed: dict[str, _StreamedLinear] = {}
+        for module_name, module in layer.named_modules():
+            if not _plain_linear(module):
+                continue
+            name = prefix + (f"{module_name}." if module_name else "") + "weight"
+            rows = _linear_rows(adapter, model, name, module.weight)
+            if rows is not None and any(role in self.axes for role in rows) and name in off.held_of:
+                self.streamed[name] = _StreamedLinear(self, module, name, rows)
+
+    def loaded(self, name: str, p: nn.Parameter) -> None:
+        """A parameter its module loaded: its statistics now, its gradient's when made."""
+        adapter, model = self.off.adapter, self.off.model
+        for role, part in adapter.split(model, {name: p.detach()}).items():
+            if role in self.axes and role not in self.weights:
+                self.weights[role] = symmetry._twin_sums([part], self.axes[role])[0]
+
+        def measured(param):
+            with torch.no_grad():
+                for role, grad in adapter.split(model, {name: param.grad}).items():
+                    if role in self.axes:
+                        self.grads[role] = symmetry._twin_sums([grad], self.axes[role])[0]
+            param.grad = None
+
+        self.handles.append(p.register_post_accumulate_grad_hook(measured))
+
+    def run(self, args: tuple, kwargs: dict, g: torch.Tensor) -> None:
+        """The layer's forward pass on ``args``/``kwargs`` again, and the backward pass of ``g``."""
+        off = self.off
+        off.backward = self
+        try:
+            with torch.enable_grad():
+                out = off.layers[self.index](*args, **kwargs)
+                h = out[0] if isinstance(out, (tuple, list)) else out
+                h.backward(g)
+            del out, h
+        finally:
+            off.backward = None
+            for lin in self.streamed.values():
+                lin.restore()
+            for handle in self.handles:
+                handle.remove()
+            off.unload_layer(self.index)
+
+    def rows(self) -> list[dict]:
+        off, adapter, model = self.off, self.off.adapter, self.off.model
+        # a parameter no module loaded (an expert no token reached): measured from disk
+        missing: dict[str, list[str]] = {}
+        for role in self.axes:
+            if role not in self.weights:
+                m = PART.match(role)
+                missing.setdefault(m.group(1) if m else role, []).append(role)
+        for name, roles in missing.items():
+            if name not in off.held_of:
+                raise ValueError(f"the checkpoint lacks {name!r}")
+            w = off._load(off.held_of[name])[name]
+            for role, part in adapter.split(model, {name: w}).items():
+                if role in roles:
+                    self.weights[role] = symmetry._twin_sums([part], self.axes[role])[0]
+            del w
+        grads = dict(self.grads)
+        for lin in self.streamed.values():
+            grads.update(lin.grad_sources())
+        try:
+            return measure_twins(model, grads, self.scale, self.expert_twins, names=self.names, weights=self.weights)
+        finally:
+            # what the layer's backward pass kept goes now, not at the next cyclic garbage
+            # collection (the streamed maps and this object refer to each other)
+            del grads
+            self.streamed, self.grads, self.weights = {}, {}, {}
+
+
+def _linear_grad_source(captured: list, first: int, shape: tuple, axes, dtype, device) -> symmetry._RowSource:
+    """The weight gradient of (a dim-0 part, from row ``first``, of) a linear map, in chunks."""
+
+    def rows(a: int, b: int) -> torch.Tensor:
+        idx = symmetry._block_rows(shape, axes, a, b)
+        cols = slice(first + idx.start, first + idx.stop) if isinstance(idx, slice) else idx + first
+        n = idx.stop - idx.start if isinstance(idx, slice) else idx.numel()
+        return _linear_grad(captured, cols, (n, *shape[1:]), dtype, device)
+
+    return symmetry._RowSource(shape, dtype, device, rows)
+
+
+def _measure_embedding(off: OffloadedModel, module: nn.Module, grad, scale: int, expert_twins: bool) -> list[dict]:
+    """Twin rows of an embedding (its table read from disk in chunks unless loaded)."""
+    name = off.embedding_names[module]
+    weights = {name: off.weight_source(module)} if module.weight.is_meta else None
+    return measure_twins(off.model, {name: grad}, scale, expert_twins, names={name}, weights=weights)
 
 
 def layerwise_symmetry(off: OffloadedModel, probe: torch.Tensor, scale: int, expert_twins: bool,
@@ -263,12 +687,15 @@ def layerwise_symmetry(off: OffloadedModel, probe: torch.Tensor, scale: int, exp
     for i, layer in enumerate(off.layers):
         handles.append(layer.register_forward_pre_hook(capture(i), with_kwargs=True))
     handles.append(off.layers[-1].register_forward_hook(leaf, with_kwargs=True))
-    # the LM head stays loaded (with its gradient) until measured; the input embedding only
-    # when it is the same tensor (tied)
-    off.keep_embeddings = True
     head = model.get_output_embeddings()
-    off.load_embedding(head, requires_grad=True)
+    embed = model.get_input_embeddings()
     tied = len({off.embedding_names[m] for m in off.embeddings}) < len(off.embeddings)
+    disk_head = off.disk_head
+    if disk_head is None:  # a head loaded whole: autograd's gradient, held until measured
+        off.keep_embeddings = {off.embedding_names[head]}
+        off.load_embedding(head, requires_grad=True)
+    else:  # its weight gradient made in chunks from what it saw
+        disk_head.capture = []
     globals_ = [p for p in model.parameters() if not p.is_meta]
     for p in globals_:
         p.requires_grad_(True)
@@ -277,43 +704,53 @@ def layerwise_symmetry(off: OffloadedModel, probe: torch.Tensor, scale: int, exp
         with torch.enable_grad():
             logits = model(input_ids=probe, use_cache=False).logits
             _next_token_loss(logits, probe).backward()
+        del logits
     finally:
         for h in handles:
             h.remove()
     rows = []
-    input_embedding = model.get_input_embeddings()
+    dense = None  # a tied head's gradient from autograd
     if not tied:  # the LM head has all its gradient now: measure it and let it go
-        rows += _measure_one(model, head.weight, scale, expert_twins)
-        off.unload_embedding(head)
-        off.unload_embedding(input_embedding)
-    g = top["h"].grad
+        if disk_head is not None:
+            name = off.embedding_names[head]
+            rows += measure_twins(model, {name: disk_head.grad_source()}, scale, expert_twins, names={name},
+                                  weights={name: off.weight_source(head)})
+            disk_head.capture = None
+        else:
+            rows += _measure_embedding(off, head, head.weight.grad, scale, expert_twins)
+            head.weight.grad = None
+            off.unload_embedding(head)
+    elif disk_head is None:
+        dense = head.weight.grad
+    g = top.pop("h").grad
+    release_freed_memory()
     for i in reversed(range(n)):
-        off.keep_loaded = i
-        layer = off.load_layer(i, requires_grad=True)
-        args, kwargs = inputs[i]
+        args, kwargs = inputs.pop(i)
         x = args[0].detach().requires_grad_(True) if args else kwargs["hidden_states"].detach().requires_grad_(True)
         if args:
             args = (x, *args[1:])
         else:
             kwargs = dict(kwargs, hidden_states=x)
-        with torch.enable_grad():
-            out = layer(*args, **kwargs)
-            h = out[0] if isinstance(out, (tuple, list)) else out
-            h.backward(g)
-        prefix = f"{adapter.family.layers}.{i}."
-        grads = {prefix + k: p.grad for k, p in layer.named_parameters()}
-        names = set(adapter.split(model, grads))
-        rows += measure_twins(model, grads, scale, expert_twins, names=names)
-        del grads, out, h  # the layer's gradients go with it
+        backward = _LayerBackward(off, i, scale, expert_twins)
+        backward.run(args, kwargs, g)
+        del args, kwargs
+        rows += backward.rows()
+        del backward
         g = x.grad
-        off.keep_loaded = None
-        off.unload_layer(i)
-    embed = input_embedding
-    _embedding_backward(off, embed, probe, g)
-    rows = _measure_one(model, embed.weight, scale, expert_twins) + rows
-    off.keep_embeddings = False
+        release_freed_memory()
+    used, part = _embedding_backward(off, embed, probe, g)
+    weight = embed.weight
+    grad = _embedding_gradient(weight.shape, weight.dtype, off.device, used, part,
+                               disk_head.grad_rows if tied and disk_head is not None else None, dense)
+    rows = _measure_embedding(off, embed, grad, scale, expert_twins) + rows
+    del grad, dense
+    if disk_head is not None:
+        disk_head.capture = None
+    off.keep_embeddings = set()
     for module in off.embeddings:
-        off.unload_embedding(module)
+        module.weight.grad = None
+        if not module.weight.is_meta:
+            off.unload_embedding(module)
     small = [p for p in model.parameters() if not p.is_meta]
     grads = {name: p.grad for name, p in model.named_parameters() if not p.is_meta}
     rows = measure_twins(model, grads, scale, expert_twins, names=set(adapter.split(model, grads))) + rows
@@ -326,7 +763,12 @@ def layerwise_symmetry(off: OffloadedModel, probe: torch.Tensor, scale: int, exp
 def run_growth_checks_layerwise(src, dst, probe: torch.Tensor, records=None, *, device: str = "cpu",
                                 scale_factor: int | None = None, tolerance: float | None = None,
                                 min_divergence: float = 1e-6) -> GrowthReport:
-    """The four checks and the sanity check on two checkpoints, one layer at a time."""
+    """The four checks and the sanity check on two checkpoints, one weight at a time.
+
+    The checks on the stored forward passes (RoPE, routers, functional identity) run
+    first, and the passes are dropped before the symmetry check's backward pass, which
+    holds one decoder layer; the report lists the checks in the usual order.
+    """
     import time
 
     t0 = time.perf_counter()
@@ -342,7 +784,12 @@ def run_growth_checks_layerwise(src, dst, probe: torch.Tensor, records=None, *, 
         ctx._new_run = None
         ctx.new_run(backward=False)
         checks = [rope_check(ctx), router_check(ctx)]
+        identity = identity_check(ctx)
         scale = ctx.twin_scale
+        seconds: dict = {}
+        meta = _meta(ctx, torch.device(device), seconds)
+        del ctx  # the stored activations of both models' forward passes
+        release_freed_memory()
         expert_twins = has_upcycled_experts(new.model)
         if scale <= 1 and not expert_twins:
             checks.append(CheckResult(symmetry.NAME, symmetry.TITLE, SKIPPED,
@@ -350,11 +797,10 @@ def run_growth_checks_layerwise(src, dst, probe: torch.Tensor, records=None, *, 
                                       min_divergence, symmetry.RULE))
         else:
             checks.append(layerwise_symmetry(new, probe, scale, expert_twins, min_divergence))
-        checks.append(identity_check(ctx))
+        checks.append(identity)
         checks.append(quick_sanity_check(new.model, probe))
-        seconds = {"total": time.perf_counter() - t0}
-        meta = _meta(ctx, torch.device(device), seconds)
-        meta["mode"] = "layerwise (one layer of each model in memory at a time)"
+        seconds["total"] = time.perf_counter() - t0
+        meta["mode"] = "layerwise (one weight of each model in memory at a time)"
         return GrowthReport("Growth verification", checks, meta)
     finally:
         old.close()

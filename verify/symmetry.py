@@ -20,14 +20,16 @@ noise by design and the router's input twins always see equal inputs: they are m
 and shown, not judged. For a model upcycled to MoE (a ``moe`` growth record) the experts
 are clones of one MLP too: they are compared along the experts dim and judged the same way.
 
-Tensors of one shape are stacked across layers (weights and gradients in one stack), each
-permuted so that its twin blocks along every widened dim are replicas of the last dim
-(``stats.twin_layout``; the stack is the one copy): one ``layer_diff_stats`` launch for the
-twin differences and one for the magnitudes cover all of them.
+Each tensor (weight and gradient) is viewed so that its twin blocks along every widened
+dim are replicas of the last dim (``stats.twin_layout``) and reduced in chunks of rows
+(``_measure``): the chunk sums and maxima are combined, so no stacked copy of a large
+tensor is made, and a tensor's chunks depend only on its shape, so the layer-by-layer
+check (``verify.layerwise``) gets the same figures as the in-memory one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import defaultdict
 
@@ -82,83 +84,235 @@ def _items(model: nn.Module, scale: int, expert_twins: bool):
     return out
 
 
+# NOTE: the statistics are taken in chunks of rows (the twin layout's first dim) of at
+# most STATS_CHUNK_BYTES per tensor, and at most that many bytes of tensors stacked per
+# launch: a whole stack of an LM head [V, s*d] and its gradient was measured as a copy of
+# both (with the torch reference, plus the materialized differences), most of
+# ``growkit verify --layerwise``'s peak memory (1.86 GB on the 2 GB bench checkpoint,
+# bench/grow_checkpoint.py). Per chunk the kernel gives max and mean; the means are
+# combined weighted by the chunk's rows (in float64), so the figures equal the whole-tensor
+# ones up to float rounding, and bitwise where a tensor is one chunk. The chunks depend on
+# a tensor's shape only, so a tensor measured alone (layerwise) or with others (in memory)
+# gives the same figures.
+STATS_CHUNK_BYTES = {"cpu": 4 * 2**20, "cuda": 256 * 2**20}
+
+
+def _chunk_bytes(device: torch.device) -> int:
+    return STATS_CHUNK_BYTES.get(torch.device(device).type, STATS_CHUNK_BYTES["cpu"])
+
+
+@contextlib.contextmanager
+def _one_thread(device: torch.device):
+    """torch on one intra-op thread meanwhile, on the CPU.
+
+    NOTE: the reductions of a chunk are a few small elementwise launches; on the 2-core
+    machine of bench/grow_checkpoint.py, shared with other processes, each multi-threaded
+    launch waited for the other thread's time slice: 63 ms per 4 MiB chunk on 2 threads
+    against 1.2 ms on one (69 ms against 12 ms for 32 MiB). On one thread a chunk that
+    stays in cache ran at 3.4 GB/s, a whole 262 MB head at 1.2 GB/s.
+    """
+    if torch.device(device).type != "cpu":
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+class _TwinSums:
+    """Twin statistics of one tensor, accumulated chunk by chunk: the max of |B_g - B_0|,
+    and the means of |B_g - B_0| and |B_0| weighted by the rows of each chunk."""
+
+    __slots__ = ("mx", "diff", "mag", "rows")
+
+    def __init__(self) -> None:
+        self.mx, self.diff, self.mag, self.rows = 0.0, 0.0, 0.0, 0
+
+    def add(self, mx: float, mean: float, mag: float, rows: int) -> None:
+        self.mx = max(self.mx, mx)
+        self.diff += mean * rows
+        self.mag += mag * rows
+        self.rows += rows
+
+    def means(self) -> tuple[float, float]:
+        """(mean|B_g - B_0|, mean|B_0|)."""
+        return (self.diff / self.rows, self.mag / self.rows) if self.rows else (0.0, 0.0)
+
+    @staticmethod
+    def figures(sums: list["_TwinSums"]) -> tuple[float, float, float]:
+        """(max diff, relative divergence, mean|B_0|) of ``sums`` taken as one slot (tensors
+        of one shape: equal counts, so the slot's means are the average of theirs)."""
+        means = [s.means() for s in sums]
+        diff = math.fsum(m for m, _ in means) / len(sums)
+        mag = math.fsum(m for _, m in means) / len(sums)
+        return max(s.mx for s in sums), relative(diff, mag), mag
+
+
+class _RowSource:
+    """A tensor made chunk by chunk and never held whole (read from disk, or a gradient
+    computed in parts). ``make(a, b)`` gives rows ``a:b`` of each of its twin blocks along
+    dim 0, blocks in order (block g: rows ``g * n + a .. g * n + b``, n = dim 0 / blocks;
+    rows ``a:b`` when dim 0 has no twins): one chunk of :func:`_row_chunks`."""
+
+    def __init__(self, shape, dtype: torch.dtype, device, make) -> None:
+        self.shape, self.dtype, self.device, self.make = torch.Size(shape), dtype, torch.device(device), make
+
+
+def _row_chunks(shape, axes, itemsize: int, device) -> tuple[int, list[tuple[int, int]], bool, int]:
+    """Where a tensor of ``shape`` is cut: ``(dim, chunks, several, bytes of the largest)``.
+
+    The twin layout's leading dims are the tensors' dims but the last (their block size
+    when they have twins); the chunks (a, b) cut the first of them longer than 1 (dim 0,
+    unless its blocks are single rows, as stacked experts compared along the experts).
+    A 1-d tensor, or one with no such dim, is one chunk.
+    """
+    groups = dict(axes)
+    total = math.prod(shape) * itemsize
+    whole = (0, [(0, shape[0] // groups.get(0, 1))] if shape else [(0, 0)], False, total)
+    for dim in range(len(shape) - 1):
+        n = shape[dim] // groups.get(dim, 1)
+        if n > 1:
+            break
+    else:
+        return whole
+    step = max(1, _chunk_bytes(device) // max(1, total // n))
+    if step >= n:
+        return whole
+    return dim, [(a, min(a + step, n)) for a in range(0, n, step)], True, step * (total // n)
+
+
+def _twin_sums(tensors: list, axes) -> list[_TwinSums]:
+    """Per entry of ``tensors`` (one shape): its twin statistics, in chunks of rows (a
+    stack of at most :func:`_chunk_bytes` per launch, unless one chunk is larger).
+
+    Entries: a tensor; a :class:`_RowSource`; a :class:`_TwinSums` measured already
+    (returned as it is); None (a missing gradient: zeros).
+    """
+    out = []
+    for t in tensors:
+        if t is None:
+            t = _TwinSums()
+            t.add(0.0, 0.0, 0.0, 1)
+        out.append(t if isinstance(t, _TwinSums) else _TwinSums())
+    live = [i for i, t in enumerate(tensors) if t is not None and not isinstance(t, _TwinSums)]
+    if not live:
+        return out
+    first = tensors[live[0]]
+    shape, dtype, device = tuple(first.shape), first.dtype, first.device
+    axes = list(axes)
+    groups = math.prod(g for _, g in axes)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    dim, chunks, several, slot_bytes = _row_chunks(shape, axes, itemsize, device)
+    if several and dim != 0 and any(isinstance(tensors[i], _RowSource) for i in live):
+        dim, chunks, several, slot_bytes = 0, [(0, shape[0] // dict(axes).get(0, 1))], False, 0  # made whole
+    batch = max(1, _chunk_bytes(device) // max(1, slot_bytes))
+    with _one_thread(device):
+        _add_chunks(tensors, live, out, axes, groups, dtype, dim, chunks, several, batch)
+    return out
+
+
+def _add_chunks(tensors, live, out, axes, groups, dtype, dim, chunks, several, batch) -> None:
+    for a, b in chunks:
+        for k in range(0, len(live), batch):
+            slots = live[k:k + batch]
+            views = []
+            for i in slots:
+                t = tensors[i]
+                if isinstance(t, _RowSource):
+                    v, _, inner = twin_layout(t.make(a, b), axes)
+                else:
+                    v, _, inner = twin_layout(t, axes)
+                    if several:
+                        v = v.narrow(dim, a, b - a)
+                views.append(v if v.dtype == dtype else v.to(dtype))
+            stack = torch.stack(views)
+            del views
+            # magnitude of block 0 (the block every twin is compared with): 1/groups of the data
+            _, mag = abs_stats(stack.reshape(stack.shape[0], -1, groups * inner)[..., :inner])
+            mx, mean = twin_stats(stack, groups, inner)
+            del stack
+            rows = b - a if several else 1
+            for i, m, d, g in zip(slots, mx.tolist(), mean.tolist(), mag.tolist()):
+                out[i].add(m, d, g, rows)
+
+
 def _measure(tensors: list[torch.Tensor], axes) -> tuple[list, list, list]:
     """Per tensor of ``tensors`` (one shape): max twin diff, relative twin divergence
-    (mean|B_g - B_0| / mean|B_0|) and mean|B_0|. Two launches for the whole list."""
-    views = [twin_layout(t, axes) for t in tensors]
-    _, _, inner = views[0]
-    stack = torch.stack([v for v, _, _ in views])
-    groups = math.prod(g for _, g in axes)
-    # magnitude of block 0 (the block every twin is compared with): 1/groups of the data
-    _, mag = abs_stats(stack.reshape(stack.shape[0], -1, groups * inner)[..., :inner])
-    mx, mean = twin_stats(stack, groups, inner)
-    mag, mx, mean = mag.tolist(), mx.tolist(), mean.tolist()
-    rel = [relative(mean[i], mag[i]) for i in range(len(mag))]
-    return mx, rel, mag
+    (mean|B_g - B_0| / mean|B_0|) and mean|B_0|, in chunks (see the NOTE above)."""
+    figures = [_TwinSums.figures([s]) for s in _twin_sums(tensors, axes)]
+    return [f[0] for f in figures], [f[1] for f in figures], [f[2] for f in figures]
 
 
-@torch.no_grad()
-def measure_twins(model: nn.Module, grads: dict[str, torch.Tensor | None] | None, scale: int,
-                  expert_twins: bool, names: set[str] | None = None) -> list[dict]:
-    """Relative twin divergence of weights (and gradients), batched by shape.
+def _block_rows(shape, axes, a: int, b: int) -> torch.Tensor | slice:
+    """The rows of dim 0 that make chunk ``a:b`` of :class:`_RowSource` (a slice when dim 0
+    has no twins)."""
+    blocks = dict(axes).get(0, 1)
+    n = shape[0] // blocks
+    if blocks == 1 or (a, b) == (0, n):  # every row, in order
+        return slice(a * blocks, b * blocks)
+    return (torch.arange(blocks)[:, None] * n + torch.arange(a, b)[None, :]).reshape(-1)
 
-    Judged tensors get a row each (one slot per tensor: weights, then gradients, in one
-    stack). Unjudged tensors (tiled without noise by design) are measured per group of one
-    shape, all of its tensors in one slot for the weights and one for the gradients.
-    """
-    adapter = get_adapter(model, "verification")
-    params = adapter.role_params(model)
-    if grads is not None:  # parameter names -> role names (parts of fused tensors)
-        grads = adapter.split(model, grads)
+
+def _twin_groups(model: nn.Module, params: dict, scale: int, expert_twins: bool,
+                 names: set[str] | None = None) -> dict[tuple, list]:
+    """The tensors with twins by (shape, dtype, device, axes, judged), in :func:`_items` order."""
     groups: dict[tuple, list] = defaultdict(list)
     for item in _items(model, scale, expert_twins):
         if names is not None and item[0] not in names:
             continue  # layerwise: only the tensors loaded now
         p = params[item[0]]
         groups[(tuple(p.shape), p.dtype, p.device, tuple(item[2]), item[3])].append(item)
+    return groups
+
+
+@torch.no_grad()
+def measure_twins(model: nn.Module, grads: dict | None, scale: int,
+                  expert_twins: bool, names: set[str] | None = None, weights: dict | None = None) -> list[dict]:
+    """Relative twin divergence of weights (and gradients), batched by shape.
+
+    Judged tensors get a row each. Unjudged tensors (tiled without noise by design) are
+    measured per group of one shape, all of its tensors in one slot for the weights and
+    one for the gradients. ``grads``: parameter (or role) names -> gradient: a tensor, a
+    :class:`_RowSource` (made in chunks), a :class:`_TwinSums` measured already (layerwise,
+    as autograd made it), or None (zeros). ``names``: only these role names (the tensors
+    loaded now, layerwise). ``weights``: role names -> the weight (a tensor, a
+    :class:`_RowSource` or :class:`_TwinSums`) for tensors that are not loaded in ``model``
+    (layerwise: the embeddings, read from disk in chunks).
+    """
+    adapter = get_adapter(model, "verification")
+    params = adapter.role_params(model)
+    if grads is not None:  # parameter names -> role names (parts of fused tensors)
+        grads = adapter.split(model, grads)
     rows = []
-    for (shape, dtype, device, axes, judged), items in groups.items():
+    for (shape, dtype, device, axes, judged), items in _twin_groups(model, params, scale, expert_twins, names).items():
         n = len(items)
-        weights = [params[name].detach() for name, *_ in items]
-        grad_list = []
-        if grads is not None:
-            for name, *_ in items:
-                g = grads.get(name)
-                grad_list.append(torch.zeros(shape, dtype=dtype, device=device) if g is None else g.to(dtype))
+        values = [weights[name] if weights and name in weights else params[name].detach() for name, *_ in items]
+        grad_list = [grads.get(name) for name, *_ in items] if grads is not None else []
+        sums = _twin_sums(values + grad_list, axes)
+        del values, grad_list
         dims = items[0][1].rule.dims
         axis_names = [f"{dims[d]}/{g}" for d, g in axes]
         if judged:
-            if names is None:
-                mx, rel, mag = _measure(weights + grad_list, list(axes))
-            else:
-                # layerwise: weights and gradients measured apart, so that the stacked copy
-                # of one large tensor (an LM head) is its size, not twice it
-                mx, rel, mag = _measure(weights, list(axes))
-                if grad_list:
-                    gx, grel, gmag = _measure(grad_list, list(axes))
-                    mx, rel, mag = mx + gx, rel + grel, mag + gmag
             for i, (name, pr, _, _) in enumerate(items):
+                mx, rel, mag = _TwinSums.figures([sums[i]])
                 row = dict(name=name, role=pr.role.value, layer=pr.layer, judged=True, axes=axis_names,
-                           weight_rel_div=rel[i], weight_max_div=mx[i], weight_block0_mean_abs=mag[i])
+                           weight_rel_div=rel, weight_max_div=mx, weight_block0_mean_abs=mag)
                 if grads is not None:
-                    row.update(grad_rel_div=rel[n + i], grad_max_div=mx[n + i], grad_block0_mean_abs=mag[n + i])
+                    gx, grel, gmag = _TwinSums.figures([sums[n + i]])
+                    row.update(grad_rel_div=grel, grad_max_div=gx, grad_block0_mean_abs=gmag)
                 rows.append(row)
         else:
-            # One slot for all the weights, one for all the gradients: shift the axes by one.
-            if n == 1 and names is not None:
-                # layerwise, one large tensor (an embedding): measured apart, no stacked copy
-                mx, rel, mag = _measure(weights, list(axes))
-                if grads is not None:
-                    gx, grel, gmag = _measure(grad_list, list(axes))
-                    mx, rel, mag = mx + gx, rel + grel, mag + gmag
-            else:
-                parts = [torch.stack(weights)] + ([torch.stack(grad_list)] if grads is not None else [])
-                mx, rel, mag = _measure(parts, [(d + 1, g) for d, g in axes])
+            # one slot for all the weights, one for all the gradients
+            mx, rel, mag = _TwinSums.figures(sums[:n])
             roles = sorted({pr.role.value for _, pr, _, _ in items})
             row = dict(name=f"{n} tensors {list(shape)}", role="+".join(roles), layer=None, judged=False,
-                       axes=axis_names, weight_rel_div=rel[0], weight_max_div=mx[0], weight_block0_mean_abs=mag[0])
+                       axes=axis_names, weight_rel_div=rel, weight_max_div=mx, weight_block0_mean_abs=mag)
             if grads is not None:
-                row.update(grad_rel_div=rel[1], grad_max_div=mx[1], grad_block0_mean_abs=mag[1])
+                gx, grel, gmag = _TwinSums.figures(sums[n:])
+                row.update(grad_rel_div=grel, grad_max_div=gx, grad_block0_mean_abs=gmag)
             rows.append(row)
     return rows
 
