@@ -108,8 +108,9 @@ def grow(args: GrowArgs) -> int:
     from growkit.growth.stream import grow_checkpoint
     from growkit.growth.width import check_width_args, plan_width
 
-    # width 1 means "no width growth"; the noise settings are checked all the same
-    _, noise_std, seed = check_width_args(width if width != 1 else 2, noise_std, noise, seed, scale_name="width")
+    # width 1 means "no width growth"
+    _, noise_std, seed = check_width_args(None if width == 1 else width, noise_std, noise, seed, scale_name="width",
+                                          optional=True)
     moe_layers, router_init = args.moe_layers, args.router_init
     if router_init == "hidden_pca":
         raise BadInput("--router-init hidden_pca needs a forward pass of the dense model on calibration tokens, "

@@ -37,9 +37,13 @@ from .roles import ROLE_RULES, Role
 from .tiling import tile_for_role
 
 
-def check_width_args(scale_factor, noise_std, noise, seed, *, scale_name: str = "scale_factor") -> tuple[int, float, int]:
-    """The width-growth arguments checked once (growkit.validate): (scale, noise_std, seed)."""
-    scale = whole_number(scale_factor, scale_name, min=2, hint="HyperCloning tiles whole copies: 2, 3, 4, ...")
+def check_width_args(scale_factor, noise_std, noise, seed, *, scale_name: str = "scale_factor",
+                     optional: bool = False) -> tuple[int | None, float, int]:
+    """The width-growth arguments checked once (growkit.validate): (scale, noise_std, seed).
+    ``optional=True`` takes ``scale_factor=None`` as "no width growth" (``growkit grow``
+    without ``--width``), the noise settings checked all the same."""
+    scale = None if optional and scale_factor is None else whole_number(
+        scale_factor, scale_name, min=2, hint="HyperCloning tiles whole copies: 2, 3, 4, ...")
     noise_std = real_number(noise_std, "noise_std", min=0)
     choice(noise, "noise", NOISE_MODES)
     return scale, noise_std, check_seed(seed)
