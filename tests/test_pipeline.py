@@ -35,7 +35,8 @@ from model_factory import TINY_PIPELINE as TINY  # noqa: E402
 # The losses a resumed run must reproduce exactly (timings and throughput differ).
 EXACT_KEYS = ("kind", "phase", "step", "global_step", "loss", "ce_loss", "aux_loss",
               "val_loss", "lr", "grad_norm", "tokens_seen", "flops", "event",
-              "val_loss_before", "val_rel_change")
+              "val_loss_before", "val_rel_change", "min_twin_divergence", "router_min_entropy",
+              "router_max_topk_share", "monitor_warnings")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -399,3 +400,4 @@ def test_train_after_growth_new_keeps_every_old_entry_and_logs_the_monitor(tmp_p
     assert {r["phase"] for r in monitor} == {2, 3}
     assert all(0 < r["router_max_topk_share"] <= 1 for r in monitor)
     assert all(r["min_twin_divergence"] > 0 for r in monitor if r["phase"] == 3)
+

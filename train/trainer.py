@@ -246,7 +246,7 @@ class Trainer:
                 "checkpoints do not hold: resume from a phase-1 checkpoint, or rerun")
         self.model, self.optimizer, self.metrics = model, optimizer, metrics
         if state["phase"] > 1:
-            self._start_monitor(model)
+            self._start_monitor(model, state["phase"])
         self.state = state
         self._elapsed_before = float(state["elapsed_s"])
         self._say(f"resume: {ckpt.name} (phase {state['phase']}, step {state['phase_step']}, "
@@ -286,14 +286,17 @@ class Trainer:
                          elapsed_s=self._elapsed())
         return val
 
-    def _start_monitor(self, model: torch.nn.Module) -> None:
+    def _start_monitor(self, model: torch.nn.Module, phase: int) -> None:
         """Watch a grown model's clones and routing every ``eval_interval`` steps (no extra
-        passes: GrowthMonitor reads the weights and the routers' latest logits)."""
+        passes: GrowthMonitor reads the weights and the routers' latest logits). The width
+        scale is the config's, not the growth records': a model resumed from a checkpoint
+        has none, and its clones are watched all the same."""
         from growkit.verify import GrowthMonitor
 
         if self.monitor is not None:
             self.monitor.close()
-        self.monitor = GrowthMonitor(model, every=self.cfg.eval_interval, warn=False)
+        scale = self.cfg.scale_factor if phase >= 3 else 1
+        self.monitor = GrowthMonitor(model, every=self.cfg.eval_interval, scale_factor=scale, warn=False)
 
     def _monitor_tick(self, phase: int) -> None:
         s = self.state
@@ -529,7 +532,7 @@ class Trainer:
             # every optimizer step, so AdamW's decay and carried momentum cannot move it)
             self.freeze = growth.freeze_for_growth(new_model, "new", records=new_model.growth_records)
             self._say(f"  training only what phase {phase}'s growth added: {self.freeze.summary()}")
-        self._start_monitor(new_model)
+        self._start_monitor(new_model, phase)
         self.model, self.optimizer = new_model, new_opt
         s.update(phase=phase, phase_step=0, phase_done=False)
         s["phase_models"][str(phase)] = new_model.config.to_dict()
