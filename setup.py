@@ -43,8 +43,9 @@ setup(
     python_requires=">=3.10",
     packages=list(PACKAGE_DIRS),
     package_dir=PACKAGE_DIRS,
-    # The offline default data: a TinyStories sample (xz) and its license notice.
-    package_data={"growkit.train": ["assets/*.txt.xz", "assets/*.txt"]},
+    # The offline default data: a TinyStories sample (xz) and its license notice;
+    # and the C source of the CPU's noisy HyperClone, compiled on first use (kernels/cpu_ext.py).
+    package_data={"growkit.train": ["assets/*.txt.xz", "assets/*.txt"], "growkit.kernels": ["csrc/*.c"]},
     install_requires=install_requires,
     extras_require={
         "test": ["pytest>=7"],

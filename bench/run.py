@@ -29,6 +29,7 @@ from growkit.kernels import (  # noqa: E402
     naive_layer_diff_stats,
 )
 from growkit.kernels.backend import interpreter_enabled  # noqa: E402
+from growkit.kernels.hyperclone import _hyperclone_cpu  # noqa: E402
 from growkit.kernels.noise import noise_divisor, seed_keys, uniform_int_torch  # noqa: E402
 
 
@@ -169,7 +170,7 @@ def main(argv=None):
             fns["triton"] = lambda: hyperclone(w, 2, 2, backend="triton")
         run_case(rows, kernel="hyperclone", size=size, nbytes=nbytes, device=device, fns=fns,
                  copy_gbps=copy_gbps, repeat=repeat, save=save)
-        if n <= (4096 if on_gpu else 1024):
+        if n <= (4096 if on_gpu else 2048):
             nd = noise_divisor(1e-5, 2, True)
             k0, k1 = seed_keys(0)
             fns = {
@@ -179,6 +180,9 @@ def main(argv=None):
             }
             if on_gpu:
                 fns["triton"] = lambda: hyperclone(w, 2, 2, noise_std=1e-5, backend="triton")
+            else:  # the C library's path (growkit-torch) against the numpy path it replaced
+                fns["growkit-numpy"] = lambda: _hyperclone_cpu(w, 2, 2, noise_std=1e-5, noise="zero_sum", seed=0,
+                                                               divide=True, use_ext=False)
             run_case(rows, kernel="hyperclone+noise", size=size, nbytes=nbytes, device=device, fns=fns,
                      copy_gbps=copy_gbps, repeat=repeat, save=save)
         del w

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from .backend import HAS_TRITON, use_triton
+from . import cpu_ext
 from .memory import check_memory, empty_cpu
 from growkit.validate import choice, real_number, whole_number
 from growkit.validate import seed as check_seed
@@ -155,26 +156,26 @@ def _naive_hyperclone(weight, out_repeat: int, in_repeat: int, *, noise_std: flo
     has_noise, zero_sum, noise_div = _noise_plan(noise_std, noise, in_repeat)
 
     if not has_noise:
-        # NOTE: per chunk of source rows, block (0, 0) is written from the source (divided
-        # in float32 and rounded once, as in the kernel: torch does that for half-precision
-        # tensors), then copied across its row of blocks and down the others while it is
-        # still in cache. No temporary: a fresh one per call cost its page faults (16 MB
-        # output: 2.1 ms against 1.2 ms for weight.repeat), and one per chunk x2.5 on a
-        # 1B-parameter model.
-        step = min(O, max(1, (1 << 20) // max(1, I)))
+        # NOTE: block (0, 0) is written from the source (divided in float32 and rounded
+        # once, as in the kernel: torch does that for half-precision tensors), then copied
+        # across its row of blocks, then that row of blocks down the others: three ops per
+        # expert, no temporary (a fresh one per call cost its page faults: 16 MB output,
+        # 2.1 ms against 1.2 ms for weight.repeat). The ops used to run per chunk of 2**20
+        # elements, to copy block (0, 0) while it was still in cache; measured with
+        # one-off timings on this 2-core VM (bf16 [8192, 2048] -> x2, fresh
+        # output each call, median of 3): 80 ms chunked, 24 ms whole, 32 ms
+        # weight.repeat(2, 2); fp32 124 / 35 / 62 ms; 16 MB outputs the same either way.
         divisor_t = _divisor_tensor(divisor, weight.device) if divisor != 1 else None
         for e in range(E):
-            for r0 in range(0, O, step):
-                n = min(step, O - r0)
-                first = out5[e, 0, r0:r0 + n, 0]
-                if divisor_t is None:
-                    first.copy_(w3[e, r0:r0 + n])
-                else:
-                    torch.div(w3[e, r0:r0 + n], divisor_t, out=first)  # see _divide
-                across = out5[e, 0, r0:r0 + n, 1:]
-                across.copy_(first.unsqueeze(1).expand_as(across))
-                down = out5[e, 1:, r0:r0 + n]
-                down.copy_(out5[e, 0, r0:r0 + n].unsqueeze(0).expand_as(down))
+            first = out5[e, 0, :, 0]
+            if divisor_t is None:
+                first.copy_(w3[e])
+            else:
+                torch.div(w3[e], divisor_t, out=first)  # see _divide
+            across = out5[e, 0, :, 1:]
+            across.copy_(first.unsqueeze(1).expand_as(across))
+            down = out5[e, 1:]
+            down.copy_(out5[e, :1].expand_as(down))
         return out.view(_out_shape(weight, out_repeat, in_repeat))
 
     k0, k1 = seed_keys(seed)
@@ -210,6 +211,12 @@ def _naive_hyperclone(weight, out_repeat: int, in_repeat: int, *, noise_std: flo
 # Fast CPU path: numpy draws, several threads
 # --------------------------------------------------------------------------------------
 CPU_CHUNK_DRAWS = 1 << 18
+# NOTE: the C library's chunks are 4x larger: with 2**18 draws, two threads wrote 1 MB
+# pieces side by side and met in the same fresh 2 MiB pages (the kernel zeroes a huge page
+# under a lock); bf16 [8192, 2048] -> x2 took 50 ms at 2**18, 34 ms at 2**20, 35 ms at
+# 2**21 (25 ms without noise), medians of 3 on this 2-core VM. Its workspace stays ~4 MB
+# a thread (the source rows in float32), as the numpy path's does at 2**18.
+CPU_EXT_CHUNK_DRAWS = 1 << 20
 
 
 @contextmanager
@@ -224,12 +231,16 @@ def _torch_threads(n: int):
 
 @torch.no_grad()
 def _hyperclone_cpu(
-    weight, out_repeat, in_repeat, *, noise_std, noise, seed, divide, rows_per_chunk=None, workers=None
+    weight, out_repeat, in_repeat, *, noise_std, noise, seed, divide, rows_per_chunk=None, workers=None,
+    use_ext=True,
 ):
     """:func:`naive_hyperclone` on the CPU, fast; bit-identical to it.
 
     NOTE: the noise is the cost of growth on a CPU (the copy path is memory-bound
-    already). Per chunk of rows: the draws come from ``uniform_bytes_grid_np`` (numpy,
+    already). Where a C compiler is, each chunk's rows are one call into the C library of
+    ``cpu_ext`` (draws, noise, add and rounding in one pass, in cache, GIL released); see
+    the figures there. Otherwise (``use_ext=False``, ``GROWKIT_CPU_EXT=0``, no compiler),
+    per chunk of rows: the draws come from ``uniform_bytes_grid_np`` (numpy,
     four draws per hash), noise and sums are float32 numpy ops into per-thread buffers
     (fresh buffers each chunk were measured 2x slower: large mallocs are fresh mmaps, so
     every chunk paid page faults), and one torch copy rounds the rows to the output dtype
@@ -250,20 +261,27 @@ def _hyperclone_cpu(
     pair = zero_sum and in_repeat == 2
     draw_cols = I if pair else in_repeat * I  # elements of a row that get their own draw
     row_len = in_repeat * I
+    lib = cpu_ext.library() if use_ext and cpu_ext.supports(weight.dtype) else None
+    mode = "pair" if pair else ("zero_sum" if zero_sum else "independent")
     if rows_per_chunk is None:
-        rows_per_chunk = max(1, CPU_CHUNK_DRAWS // draw_cols)
+        rows_per_chunk = max(1, (CPU_EXT_CHUNK_DRAWS if lib is not None else CPU_CHUNK_DRAWS) // draw_cols)
     rows_per_chunk = min(rows_per_chunk, O)
-    pattern = weyl_pattern(rows_per_chunk, draw_cols // 4, row_len // 4) if draw_cols % 4 == 0 else None
     k0, k1 = seed_keys(seed)
     # (u - 127.5) / (D / 2) == (2u - 255) / D exactly: both scaled by a power of two.
     half_div = np.float32(noise_div / 2)
     nd = np.float32(noise_div)
     divisor_t = _divisor_tensor(divisor, "cpu") if divisor != 1 else None
+    pattern = None
+    if lib is None and draw_cols % 4 == 0:
+        pattern = weyl_pattern(rows_per_chunk, draw_cols // 4, row_len // 4)
     local = threading.local()
 
     def workspace(n):
         if not hasattr(local, "w"):
             local.w = torch.empty(rows_per_chunk, I)
+        if lib is not None:  # the library needs the source rows alone
+            return local.w[:n], None, None, None, None
+        if not hasattr(local, "y"):
             local.y = torch.empty(rows_per_chunk, in_repeat, I)
             local.noise = np.empty((rows_per_chunk, draw_cols), np.float32)
             local.bits = np.empty((rows_per_chunk, draw_cols // 4), np.uint32)
@@ -276,6 +294,11 @@ def _hyperclone_cpu(
         w.copy_(w3[e, r0:r0 + n])
         if divisor_t is not None:
             torch.div(w, divisor_t, out=w)
+        if lib is not None:
+            for a in range(out_repeat):
+                start = e * (out_repeat * O * row_len) + (a * O + r0) * row_len
+                cpu_ext.noise_rows(lib, w, in_repeat, mode, start, k0, k1, noise_div, out5[e, a, r0:r0 + n])
+            return
         w_np, y_np = w.numpy(), y.numpy()
         for a in range(out_repeat):
             start = e * (out_repeat * O * row_len) + (a * O + r0) * row_len

@@ -92,9 +92,12 @@ def test_hyperclone_cpu_path_matches_reference_bitwise(poison_empty, dtype, shap
     before = w.clone()
     kw = dict(noise_std=noise_std, noise=noise, seed=11, divide=True)
     ref = naive_hyperclone(w, r_o, r_i, **kw)
-    # default chunks and threads, one row a chunk on one thread, 5-row chunks on 3 threads
+    # default chunks and threads, one row a chunk on one thread, 5-row chunks on 3 threads;
+    # the C library (kernels/csrc, see test_cpu_ext.py) and the numpy path it replaces
     for rows, workers in [(None, None), (1, 1), (5, 3)]:
-        assert_bitwise_equal(_hyperclone_cpu(w, r_o, r_i, rows_per_chunk=rows, workers=workers, **kw), ref)
+        for use_ext in (True, False):
+            out = _hyperclone_cpu(w, r_o, r_i, rows_per_chunk=rows, workers=workers, use_ext=use_ext, **kw)
+            assert_bitwise_equal(out, ref)
     assert_bitwise_equal(w, before)  # the source is never written (float32's .float() is itself)
 
 
@@ -279,6 +282,17 @@ def test_huge_page_advice_only_for_large_cpu_buffers():
     thp = "/sys/kernel/mm/transparent_hugepage/enabled"
     if memory._madvise is not None and os.path.exists(thp) and "[never]" not in open(thp).read():
         assert memory.advise_huge_pages(torch.empty(1 << 23))
+        assert memory.thp_mode() in ("always", "madvise")
+
+
+@pytest.mark.parametrize("mode,advised", [("madvise", True), ("always", False), ("never", False), (None, False)])
+def test_empty_cpu_advises_huge_pages_only_where_the_kernel_waits_to_be_asked(monkeypatch, mode, advised):
+    calls = []
+    monkeypatch.setattr(memory, "thp_mode", lambda: mode)
+    monkeypatch.setattr(memory, "advise_huge_pages", lambda t: calls.append(t.numel()) or True)
+    out = memory.empty_cpu((4, 1 << 20), torch.bfloat16)
+    assert out.shape == (4, 1 << 20) and out.dtype == torch.bfloat16
+    assert calls == ([4 << 20] if advised else [])
 
 
 @needs_triton
