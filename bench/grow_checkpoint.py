@@ -12,6 +12,8 @@ shards; written tensor by tensor, never whole in memory), then, each in its own 
 
     python bench/grow_checkpoint.py                 # ~2 GB source, ~8 GB grown
     python bench/grow_checkpoint.py --layers 4      # smaller, for a quick look
+    python bench/grow_checkpoint.py --layers 12 --dir /dev/shm/gk --name grow_checkpoint_tmpfs
+                                                    # in RAM: the CPU's share, without the disk
 
 Results: bench/results/grow_checkpoint_<device>.json.
 """
@@ -21,6 +23,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import statistics
 import shutil
 import subprocess
 import sys
@@ -96,8 +100,9 @@ def make_checkpoint(path: Path, hidden: int, inter: int, layers: int, vocab: int
     return dict(params=params, bytes=total, largest=largest[0], largest_shape=list(largest[1]))
 
 
-def child(code: str) -> tuple[int, float, int]:
-    out = subprocess.run([sys.executable, "-c", CHILD.format(code=code)], capture_output=True, text=True)
+def child(code: str, env: dict[str, str] | None = None) -> tuple[int, float, int]:
+    out = subprocess.run([sys.executable, "-c", CHILD.format(code=code)], capture_output=True, text=True,
+                         env=None if env is None else {**os.environ, **env})
     line = [l for l in out.stdout.splitlines() if l.startswith("RESULT")]
     if not line:
         raise RuntimeError(f"child failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
@@ -113,6 +118,10 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--dir", default=None, help="work directory (default: a temporary one, removed)")
+    ap.add_argument("--name", default="grow_checkpoint",
+                    help="results file stem, e.g. grow_checkpoint_tmpfs for a run with --dir on a tmpfs")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="rounds of (grow, grow with the numpy noise path, cp), interleaved; medians reported")
     args = ap.parse_args()
     work = Path(args.dir or tempfile.mkdtemp(prefix="growkit-bench-"))
     src, dst, copy = work / "src", work / "dst", work / "copy"
@@ -132,19 +141,34 @@ def main() -> None:
                                       "with torch.device('meta'):\n"
                                       f"    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained({str(src)!r}))\n"
                                       "rc = 0")
-        grow_rss, grow_s, rc = child(
-            f"from growkit.cli import main\nrc = main(['grow', {str(src)!r}, {str(dst)!r}, '--width', '2', '--no-progress'])")
-        assert rc == 0, "growkit grow failed"
+        grow_code = f"from growkit.cli import main\nrc = main(['grow', {str(src)!r}, {str(dst)!r}, '--width', '2', '--no-progress'])"
+        # NOTE: cp + sync of the same bytes on this VM's disk varied from 8.5 s to 20.9 s between
+        # two runs an hour apart, so one grow against one cp says little: the rounds interleave
+        # the three commands and the ratio is of medians. The numpy row is the same grow with
+        # the C library off (GROWKIT_CPU_EXT=0): what the library buys, measured side by side.
+        samples = {"grow": [], "grow_numpy": [], "cp": []}
+        grow_rss = 0
+        for _ in range(max(1, args.repeats)):
+            for key, env in (("grow", None), ("grow_numpy", {"GROWKIT_CPU_EXT": "0"})):
+                shutil.rmtree(dst, ignore_errors=True)
+                rss, seconds, rc = child(grow_code, env)
+                assert rc == 0, "growkit grow failed"
+                samples[key].append(round(seconds, 2))
+                if key == "grow":
+                    grow_rss = max(grow_rss, rss)
+            t = time.perf_counter()
+            copy.mkdir()
+            subprocess.run(["bash", "-c", f"cp {dst}/*.safetensors {copy}/ && sync"], check=True)
+            samples["cp"].append(round(time.perf_counter() - t, 2))
+            shutil.rmtree(copy)
         grown_bytes = sum(p.stat().st_size for p in dst.glob("*.safetensors"))
-        t = time.perf_counter()
-        copy.mkdir()
-        subprocess.run(["bash", "-c", f"cp {dst}/*.safetensors {copy}/ && sync"], check=True)
-        cp_s = time.perf_counter() - t
-        shutil.rmtree(copy)
+        grow_s, numpy_s, cp_s = (statistics.median(samples[k]) for k in ("grow", "grow_numpy", "cp"))
         verify_rss, verify_s, vrc = child(
             f"from growkit.cli import main\nrc = main(['verify', {str(src)!r}, {str(dst)!r}, '--layerwise', '--seq-len', '32'])")
         results = {
             "device": device_label(torch.device("cpu")),
+            "work_dir_filesystem": subprocess.run(["df", "--output=fstype", str(work)], capture_output=True,
+                                                  text=True).stdout.split()[-1:],
             "source": dict(info, generate_seconds=round(gen_s, 1)),
             "grown_bytes": grown_bytes,
             "largest_grown_tensor_bytes": grown_largest,
@@ -153,19 +177,23 @@ def main() -> None:
             "import_only_rss_bytes": base_rss,
             "verify_import_only_rss_bytes": verify_base_rss,
             "grow": dict(peak_rss_bytes=grow_rss, seconds=round(grow_s, 2), within_bound=grow_rss <= bound),
+            "grow_numpy_noise_seconds": round(numpy_s, 2),
             "cp_of_grown_files_seconds": round(cp_s, 2),
             "grow_over_cp": round(grow_s / cp_s, 3),
+            "samples_seconds": samples,
             "verify_layerwise": dict(peak_rss_bytes=verify_rss, seconds=round(verify_s, 2), exit_status=vrc,
                                      within_bound=verify_rss <= bound),
         }
         print(json.dumps(results, indent=2))
         rows = [dict(command="growkit grow --width 2", peak_rss_mb=round(grow_rss / 2**20), bound_mb=round(bound / 2**20),
                      seconds=round(grow_s, 2), cp_seconds=round(cp_s, 2), ratio_to_cp=round(grow_s / cp_s, 3)),
+                dict(command="growkit grow --width 2 (numpy noise, GROWKIT_CPU_EXT=0)", seconds=round(numpy_s, 2),
+                     cp_seconds=round(cp_s, 2), ratio_to_cp=round(numpy_s / cp_s, 3)),
                 dict(command="growkit verify --layerwise", peak_rss_mb=round(verify_rss / 2**20), bound_mb=round(bound / 2**20),
                      seconds=round(verify_s, 2)),
                 dict(command="import only", peak_rss_mb=round(base_rss / 2**20)),
                 dict(command="import only (verify: + model code)", peak_rss_mb=round(verify_base_rss / 2**20))]
-        print(write_results("grow_checkpoint", torch.device("cpu"), results, rows)[0])
+        print(write_results(args.name, torch.device("cpu"), results, rows)[0])
     finally:
         if args.dir is None:
             shutil.rmtree(work, ignore_errors=True)

@@ -56,7 +56,7 @@ def child(args) -> dict:
     after_source = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if args.what in ("baseline", "baseline_huge_pages"):
         from growkit.growth import get_adapter
-        from growkit.kernels.memory import empty_cpu
+        from growkit.kernels.memory import advise_huge_pages
         from growkit.growth.roles import ROLE_RULES
 
         roles = get_adapter(source).param_roles(source)
@@ -65,7 +65,9 @@ def child(args) -> dict:
         for name, t in source.state_dict().items():
             reps = ROLE_RULES[roles[name].role].repeats(args.scale)
             shape = tuple(n * r for n, r in zip(t.shape, reps))
-            out = empty_cpu(shape, t.dtype) if args.what == "baseline_huge_pages" else torch.empty(shape, dtype=t.dtype)
+            out = torch.empty(shape, dtype=t.dtype)
+            if args.what == "baseline_huge_pages":  # advised whatever the THP mode (empty_cpu asks only in 'madvise')
+                advise_huge_pages(out)
             view = out.view(*[x for n, r in zip(t.shape, reps) for x in (r, n)])
             src = t.view(*[x for n in t.shape for x in (1, n)])
             view.copy_(src.expand(view.shape))
