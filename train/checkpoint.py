@@ -14,8 +14,15 @@ A checkpoint is a folder ``<run_dir>/checkpoints/step-<global step>[-phase<p>-en
     manifest.json                        written last: size and sha256 of every file
                                          above, and the hash of the run's config
 
-Nothing is pickled: tensors go to safetensors, everything else to JSON, so loading a
-checkpoint never runs code from the file. Each file is written to a temporary file and
+A run under ``torchrun`` writes a *sharded* checkpoint instead (:mod:`growkit.train.distributed`):
+``dcp/`` (``torch.distributed.checkpoint``: the model's and AdamW's tensors, each rank its
+shards) replaces ``model.safetensors`` and ``optimizer.safetensors``; ``optimizer.json``
+holds the param groups; ``config.json``, ``rng.*``, ``state.json`` and the manifest (which
+lists every file under ``dcp/`` too) are as above. Either kind resumes at any world size.
+
+Nothing is pickled by growkit: tensors go to safetensors (or DCP), everything else to JSON,
+so loading a checkpoint never runs code from the file (DCP's own ``dcp/.metadata`` is a
+pickle torch writes; the manifest's sha256 of it is checked before it is read). Each file is written to a temporary file and
 renamed (:func:`atomic_write`); the folder itself is assembled under a temporary name and
 renamed into place, and only then does ``<run_dir>/latest.json`` (also replaced
 atomically) point to it. A run killed at any moment therefore leaves ``latest.json``
@@ -58,6 +65,7 @@ __all__ = [
     "capture_rng",
     "restore_rng",
     "save_checkpoint",
+    "finish_checkpoint",
     "latest_checkpoint",
     "load_checkpoint_state",
     "prune_checkpoints",
@@ -71,6 +79,9 @@ __all__ = [
     "select_checkpoint",
     "clean_orphans",
     "check_resume_config",
+    "is_sharded_checkpoint",
+    "DCP_DIR",
+    "SHARDED_FILES",
 ]
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -79,6 +90,9 @@ MANIFEST_FILE = "manifest.json"
 #: The files of a complete checkpoint (the manifest lists them with size and sha256).
 CHECKPOINT_FILES = ("model.safetensors", "config.json", "optimizer.safetensors", "optimizer.json",
                     "rng.safetensors", "rng.json", "state.json")
+#: The files of a sharded checkpoint besides those under ``dcp/`` (:mod:`growkit.train.distributed`).
+SHARDED_FILES = ("config.json", "optimizer.json", "rng.safetensors", "rng.json", "state.json")
+DCP_DIR = "dcp"
 _SEP = "::"
 _NAME = re.compile(r"^step-(\d+)(?:-phase(\d+)-end)?$")
 
@@ -277,7 +291,6 @@ def save_checkpoint(
     run_dir = Path(run_dir)
     root = run_dir / CHECKPOINTS_DIR
     root.mkdir(parents=True, exist_ok=True)
-    final = root / name
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=root))
     try:
         save_model(model, tmp)
@@ -285,6 +298,20 @@ def save_checkpoint(
         rng_tensors, rng_values = capture_rng(batch_generator)
         _save_tensors(tmp / "rng.safetensors", rng_tensors)
         atomic_write_json(tmp / "rng.json", rng_values)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return finish_checkpoint(run_dir, tmp, name, state)
+
+
+def finish_checkpoint(run_dir: str | os.PathLike, tmp: Path, name: str, state: dict[str, Any]) -> Path:
+    """Writes ``state.json`` and the manifest into the assembled folder ``tmp`` (inside
+    ``<run_dir>/checkpoints``), renames it to ``name`` and points ``latest.json`` at it;
+    removes ``tmp`` on failure. Returns the checkpoint folder."""
+    run_dir = Path(run_dir)
+    root = run_dir / CHECKPOINTS_DIR
+    final = root / name
+    try:
         atomic_write_json(tmp / "state.json", state)
         write_manifest(tmp, state.get("train_config"))
         if final.exists():
@@ -453,13 +480,30 @@ def config_changes(stored: dict[str, Any], current: dict[str, Any]) -> list[str]
             if k not in exempt and stored.get(k) != current.get(k)]
 
 
+def is_sharded_checkpoint(ckpt: str | os.PathLike) -> bool:
+    """True for a checkpoint written under torchrun (a ``dcp/`` folder, no safetensors model)."""
+    return (Path(ckpt) / DCP_DIR).is_dir()
+
+
+def _checkpoint_files(directory: Path) -> list[str]:
+    """The files a checkpoint folder must hold: :data:`CHECKPOINT_FILES`, or for a sharded
+    one :data:`SHARDED_FILES` and every file under ``dcp/`` (relative, ``/``-separated)."""
+    if not is_sharded_checkpoint(directory):
+        return list(CHECKPOINT_FILES)
+    shards = sorted(p.relative_to(directory).as_posix() for p in (directory / DCP_DIR).rglob("*")
+                    if p.is_file())
+    return list(SHARDED_FILES) + shards
+
+
 def write_manifest(directory: Path, train_config: dict[str, Any] | None) -> None:
     """``manifest.json``: size and sha256 of every checkpoint file, and the config hash."""
     files = {}
-    for name in CHECKPOINT_FILES:
+    for name in _checkpoint_files(directory):
         p = directory / name
         files[name] = {"bytes": p.stat().st_size, "sha256": _sha256(p)}
     manifest: dict[str, Any] = {"format": 1, "files": files}
+    if is_sharded_checkpoint(directory):
+        manifest["layout"] = "sharded"
     if train_config is not None:
         fields = sorted(k for k in _flat(train_config) if k not in _hash_exempt())
         manifest["config_sha256"] = run_config_hash(train_config, fields)
@@ -498,7 +542,18 @@ def verify_checkpoint(ckpt: str | os.PathLike, metrics_records: int | None = Non
                 raise TypeError("'files' is not a mapping")
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ResumeError(f"{MANIFEST_FILE} is damaged ({_one_line(e)})") from None
-        for name in CHECKPOINT_FILES:
+        required = list(CHECKPOINT_FILES)
+        if manifest.get("layout") == "sharded":
+            # every listed file (the DCP shards: their number depends on the world size),
+            # and at least the fixed ones and DCP's index
+            required = list(SHARDED_FILES) + [f"{DCP_DIR}/.metadata"]
+            required += sorted(n for n in listed if n not in required)
+            for name in required:  # a listed path must stay inside the checkpoint
+                if not isinstance(name, str) or name.startswith("/") or ".." in name.split("/"):
+                    raise ResumeError(f"{MANIFEST_FILE} lists {name!r}, a path outside the checkpoint")
+        elif is_sharded_checkpoint(ckpt):
+            raise ResumeError(f"{MANIFEST_FILE} does not describe the sharded files under {DCP_DIR}/")
+        for name in required:
             entry = listed.get(name)
             p = ckpt / name
             if not isinstance(entry, dict):
@@ -511,6 +566,9 @@ def verify_checkpoint(ckpt: str | os.PathLike, metrics_records: int | None = Non
                                   "(truncated or rewritten)")
             if _sha256(p) != entry.get("sha256"):
                 raise ResumeError(f"{name} does not match its sha256 in the manifest")
+    elif is_sharded_checkpoint(ckpt):
+        raise ResumeError(f"{MANIFEST_FILE} is missing (a sharded checkpoint is only trusted "
+                          "with its manifest)")
     else:
         for name in CHECKPOINT_FILES:
             p = ckpt / name

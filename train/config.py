@@ -71,9 +71,11 @@ LEGACY_KEYS = {f"{old}_phase{p}": f"phase{p}.{new}" for p in (1, 2, 3)
 
 #: Fields a resumed run may change; every other field must match the stored config,
 #: because changing it would make the resumed run differ from an uninterrupted one.
+#: ``parallel`` is here like the world size (not a field): a run resumed with another one
+#: trains the same batches, its losses equal to rounding, not bit for bit.
 RESUME_OVERRIDABLE = frozenset({
     "device", "progress", "plot", "continue_on_failed_check", "checkpoint_every",
-    "keep_checkpoints", "threads", "token_cache_dir",
+    "keep_checkpoints", "threads", "token_cache_dir", "parallel",
 })
 
 # tyro reports a ValueError raised while it builds the dataclass in a wrapped box; while
@@ -216,6 +218,8 @@ class TrainConfig:
     """'float32', or 'bfloat16' (autocast; weights and Adam state stay float32)"""
     threads: int = 0
     """CPU threads for torch (0: torch's default)"""
+    parallel: Literal["fsdp", "ddp"] = "fsdp"
+    """under torchrun (WORLD_SIZE set): shard each phase's model, gradients and Adam state with FSDP2 ('fsdp', fully_shard) or replicate it ('ddp', DistributedDataParallel); a single process ignores it"""
     out_dir: str = "runs"
     """parent folder of new run directories"""
     run_dir: Optional[str] = None
@@ -259,7 +263,8 @@ class TrainConfig:
             check(name, flag)
         for name, choices in (("tokenizer", ("byte", "bpe")), ("depth_mode", ("identity", "stack")),
                               ("schedule", ("cosine", "constant")),
-                              ("device", ("auto", "cpu", "cuda")), ("dtype", ("float32", "bfloat16"))):
+                              ("device", ("auto", "cpu", "cuda")), ("dtype", ("float32", "bfloat16")),
+                              ("parallel", ("fsdp", "ddp"))):
             check(name, choice, choices)
         # Sizes ModelConfig checks (positive, dividing, even head_dim, top_k <= n_experts):
         # only their kind here, the rules below, from the ModelConfigs they build.

@@ -5,6 +5,7 @@
     python train_tinystories.py --preset tiny --data /path/to/TinyStories-train.txt
     python train_tinystories.py --config run.yaml --phase1.steps 500   # or --steps-phase1 500
     python train_tinystories.py --resume runs/tiny-20250101-120000
+    torchrun --nproc-per-node 2 train_tinystories.py --preset tiny   # growkit.train.distributed
 
 A run directory holds ``config.json`` (the resolved :class:`TrainConfig`),
 ``tokenizer.json``, ``metrics.jsonl``, ``verify_phase2_upcycle_to_moe.json`` and
@@ -208,41 +209,70 @@ def _print_summary(summary: dict[str, Any]) -> None:
 
 
 def run(cfg: TrainConfig, resume_dir: str | Path | None = None) -> int:
-    """Runs (or resumes) the pipeline for a checked config; returns the exit status."""
+    """Runs (or resumes) the pipeline for a checked config; returns the exit status.
+
+    Under torchrun (``WORLD_SIZE`` set) every rank calls it: it joins the process group
+    (:mod:`growkit.train.distributed`), trains data-parallel, and returns the same status
+    on every rank; rank 0 alone prints and writes files.
+    """
+    from .distributed import DistributedTrainer, context_from_env
+
+    try:
+        ctx = context_from_env(cfg)
+    except (ValueError, RuntimeError) as e:  # the launcher's environment, or no rendezvous
+        print(f"error: cannot join the torchrun job: {_one_line(e)}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    try:
+        return _run(cfg, resume_dir, ctx, DistributedTrainer if ctx.distributed else Trainer)
+    finally:
+        ctx.close()
+
+
+def _run(cfg: TrainConfig, resume_dir, ctx, trainer_class) -> int:
     t_start = time.perf_counter()
+    say = print if ctx.is_main else (lambda *a, **k: None)
     resume = resume_dir is not None
     point = None
     if resume:
         try:
-            point = _resume_point(Path(resume_dir), cfg)
+            point = _resume_point(Path(resume_dir), cfg, ctx)
         except ResumeError as e:
-            print(f"error: --resume {resume_dir}: {e}", file=sys.stderr)
+            say(f"error: --resume {resume_dir}: {e}", file=sys.stderr)
             return _resume_code(e)
     # What a failed start may not leave behind ("nothing is written"): folders it creates.
     out_dir = Path(cfg.out_dir).expanduser()
     fresh = [p for p in (out_dir, out_dir / ".tokenizer-cache") if not p.exists()]
     try:
         cfg.check_runtime()
-        dataset, tokenizer, desc = Trainer.load_data(cfg, Path(resume_dir) if resume else None)
-        run_dir = Path(resume_dir) if resume else make_run_dir(cfg)
+        ctx.check_config(cfg)
+        # rank 0 first: the token and tokenizer caches are built once
+        dataset, tokenizer, desc = ctx.rank0_first(
+            lambda: Trainer.load_data(cfg, Path(resume_dir) if resume else None))
+        run_dir = Path(resume_dir) if resume else Path(ctx.rank0_only(lambda: str(make_run_dir(cfg))))
     except (ValueError, FileNotFoundError, ImportError, RuntimeError) as e:
-        _remove_fresh(fresh)
-        print(f"error: {_one_line(e)}", file=sys.stderr)
+        if ctx.is_main:
+            _remove_fresh(fresh)
+        say(f"error: {_one_line(e)}", file=sys.stderr)
         return EXIT_BAD_CONFIG
     except BaseException:
-        _remove_fresh(fresh)
+        if ctx.is_main:
+            _remove_fresh(fresh)
         raise
-    print(f"data source: {desc}")
-    print(f"dataset: {dataset.describe()}; tokenizer: {tokenizer.kind} "
-          f"(vocab {tokenizer.vocab_size})")
+    say(f"data source: {desc}")
+    say(f"dataset: {dataset.describe()}; tokenizer: {tokenizer.kind} "
+        f"(vocab {tokenizer.vocab_size})")
     device = cfg.resolved_device()
-    print(f"device: {device} ({cfg.dtype}); run directory: {run_dir}")
+    ranks = f"; {ctx.world} ranks ({cfg.parallel})" if ctx.distributed else ""
+    say(f"device: {device} ({cfg.dtype}){ranks}; run directory: {run_dir}")
     if not resume:
         cfg = TrainConfig.from_dict({"run_dir": str(run_dir)}, base=cfg)
-        atomic_write_json(run_dir / "config.json", cfg.to_dict())
-        tokenizer.save(run_dir)
+        if ctx.is_main:
+            atomic_write_json(run_dir / "config.json", cfg.to_dict())
+            tokenizer.save(run_dir)
+        ctx.barrier()
 
-    trainer = Trainer(cfg, run_dir, dataset, tokenizer, desc, resume=resume, resume_from=point)
+    kw = {"ctx": ctx} if ctx.distributed else {}
+    trainer = trainer_class(cfg, run_dir, dataset, tokenizer, desc, resume=resume, resume_from=point, **kw)
     status, code, message = "completed", EXIT_OK, None
     try:
         trainer.start()
@@ -250,21 +280,21 @@ def run(cfg: TrainConfig, resume_dir: str | Path | None = None) -> int:
         trainer.save_final()
     except ResumeError as e:
         status, code, message = "resume_failed", _resume_code(e), str(e)
-        print(f"error: --resume {run_dir}: {e}", file=sys.stderr)
+        say(f"error: --resume {run_dir}: {e}", file=sys.stderr)
     except GrowthCheckFailed as e:
         status, code, message = "failed_check", EXIT_FAILED_CHECK, str(e)
-        print(f"\nSTOPPED: {e}", file=sys.stderr)
+        say(f"\nSTOPPED: {e}", file=sys.stderr)
     except FloatingPointError as e:
         status, code, message = "diverged", EXIT_DIVERGED, str(e)
-        print(f"\nSTOPPED: {e}", file=sys.stderr)
+        say(f"\nSTOPPED: {e}", file=sys.stderr)
     except KeyboardInterrupt:
         status, code = "interrupted", EXIT_INTERRUPTED
         message = f"interrupted; continue with --resume {run_dir}"
-        print(f"\n{message}", file=sys.stderr)
+        say(f"\n{message}", file=sys.stderr)
     finally:
         if trainer.metrics is not None:
             trainer.metrics.close()
-    if not trainer.state:  # failed before the first model existed
+    if not trainer.state or not ctx.is_main:  # failed before the first model existed; rank > 0
         return code
     wall = float(trainer.state.get("elapsed_s", 0.0))
     if status != "completed":
@@ -304,14 +334,19 @@ def _remove_fresh(paths: list[Path]) -> None:
                     pass
 
 
-def _resume_point(run_dir: Path, cfg: TrainConfig):
+def _resume_point(run_dir: Path, cfg: TrainConfig, ctx=None):
     """Cleans a resumed run's orphaned temporary folders, checks its tokenizer.json, picks
     the checkpoint to start from (falling back past damaged ones) and refuses a changed
-    config; see checkpoint.py. Raises ResumeError / ResumeRefused (one-line messages)."""
-    removed = clean_orphans(run_dir)
-    if removed:
-        print(f"resume: removed {len(removed)} unfinished checkpoint folder(s) left by an "
-              f"interrupted save: {', '.join(removed)}", file=sys.stderr)
+    config; see checkpoint.py. Raises ResumeError / ResumeRefused (one-line messages).
+    Under torchrun rank 0 cleans, then every rank reads the same files (and decides the same)."""
+    main = ctx is None or ctx.is_main
+    if main:
+        removed = clean_orphans(run_dir)
+        if removed:
+            print(f"resume: removed {len(removed)} unfinished checkpoint folder(s) left by an "
+                  f"interrupted save: {', '.join(removed)}", file=sys.stderr)
+    if ctx is not None:
+        ctx.barrier()
     if (run_dir / "tokenizer.json").exists():
         from .data import load_tokenizer
 
@@ -321,7 +356,7 @@ def _resume_point(run_dir: Path, cfg: TrainConfig):
             pass  # a missing package: the data step names it (exit 2)
         except Exception as e:  # noqa: BLE001 - any failure to read it is damage
             raise ResumeError(f"the run's tokenizer.json is damaged ({_one_line(e)})") from None
-    point = select_checkpoint(run_dir, say=lambda m: print(m, file=sys.stderr))
+    point = select_checkpoint(run_dir, say=lambda m: print(m, file=sys.stderr) if main else None)
     if point is not None:
         check_resume_config(cfg.to_dict(), *point)
     return point

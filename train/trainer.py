@@ -14,6 +14,11 @@ model and its config), so a resumed run rebuilds exactly that model; a checkpoin
 at a phase end is followed, on resume, by the same (deterministic, seeded) growth the
 uninterrupted run performed. On the CPU a resumed run reproduces the uninterrupted run's
 losses bit for bit.
+
+Under ``torchrun`` the pipeline uses :class:`growkit.train.distributed.DistributedTrainer`,
+a subclass that overrides the hooks marked "(hook)" below: how a model is built, wrapped
+and loaded, which rows of each batch a rank trains on, how losses and checks are combined
+over the ranks, and how checkpoints are written. Everything else is this class's code.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from .checkpoint import (
     atomic_write_json,
     check_resume_config,
     checkpoint_name,
+    is_sharded_checkpoint,
     load_optimizer,
     load_rng,
     prune_checkpoints,
@@ -161,6 +167,7 @@ class Trainer:
         self._val_cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._t0 = time.perf_counter()
         self._elapsed_before = 0.0
+        self.is_main = True  # the process that prints and writes files (rank 0 under torchrun)
 
     # ------------------------------------------------------------------ setup
 
@@ -177,7 +184,12 @@ class Trainer:
         return {**self.ds.fingerprint(), "vocab_size": self.tokenizer.vocab_size}
 
     def _say(self, msg: str) -> None:
-        tqdm.write(msg)
+        if self.is_main:
+            tqdm.write(msg)
+
+    def _write_json(self, path: Path, obj: Any) -> None:
+        if self.is_main:
+            atomic_write_json(path, obj)
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -203,8 +215,7 @@ class Trainer:
             mcfg = cfg.model_config(self.tokenizer.vocab_size)
             model = Transformer(mcfg)
             model.init_weights(seed=cfg.seed)
-            self.model = model.to(self.device)
-            self.optimizer = make_optimizer(self.model, cfg, cfg.phase1.lr)
+            self.model, self.optimizer = self._install(model.to(self.device), None, cfg.phase1.lr)
             self.state = {
                 "phase": 1, "phase_step": 0, "phase_done": False, "global_step": 0,
                 "tokens_seen": 0, "flops": 0.0, "elapsed_s": 0.0,
@@ -213,8 +224,7 @@ class Trainer:
                 "phase_models": {"1": self.model.config.to_dict()},
                 "data": self.data_fingerprint(),
             }
-            self.metrics = MetricsLog(self.run_dir / "metrics.jsonl",
-                                      keep=0 if self.resume else None)
+            self.metrics = self._open_metrics(keep=0 if self.resume else None)
             self._evaluate_and_log()  # the untrained model's validation loss
             return
         ckpt, state = point
@@ -225,16 +235,9 @@ class Trainer:
                 f"TrainConfig.data={cfg.data!r}: the data no longer matches the run being "
                 f"resumed (stored {state.get('data')}, now {fp}); resume with the same data")
         try:
-            model = load_model(ckpt, device=self.device)
-            _rehome_(model.parameters())
-            optimizer = make_optimizer(model, cfg, cfg.phase(state["phase"]).lr)
-            load_optimizer(optimizer, model, ckpt)
-            for st in optimizer.state.values():
-                for k, v in st.items():
-                    if torch.is_tensor(v):
-                        st[k] = v.clone()
+            model, optimizer = self._load_checkpoint(ckpt, state)
             load_rng(ckpt, self.batch_gen)
-            metrics = MetricsLog(self.run_dir / "metrics.jsonl", keep=state["metrics_records"])
+            metrics = self._open_metrics(keep=state["metrics_records"])
         except Exception as e:  # verified files that still do not load: say which, in one line
             why = " ".join(str(e).split())[:300] or type(e).__name__
             raise ResumeError(f"{CHECKPOINTS_DIR}/{ckpt.name} cannot be loaded: {why}") from e
@@ -251,6 +254,40 @@ class Trainer:
         self._elapsed_before = float(state["elapsed_s"])
         self._say(f"resume: {ckpt.name} (phase {state['phase']}, step {state['phase_step']}, "
                   f"global step {state['global_step']})")
+
+    def _install(self, model: Transformer, optimizer_state: dict[str, dict[str, Any]] | None,
+                 lr: float) -> tuple[Transformer, torch.optim.AdamW]:
+        """(hook) The model to train and its AdamW, from a whole model on ``self.device``;
+        ``optimizer_state``: Adam state per parameter name to load (None: fresh)."""
+        optimizer = make_optimizer(model, self.cfg, lr)
+        if optimizer_state:
+            params = dict(model.named_parameters())
+            for name, st in optimizer_state.items():
+                optimizer.state[params[name]] = dict(st)
+        return model, optimizer
+
+    def _load_checkpoint(self, ckpt: Path, state: dict[str, Any]) -> tuple[Transformer, torch.optim.AdamW]:
+        """(hook) The model and AdamW a checkpoint holds: safetensors files, or the sharded
+        (``torch.distributed.checkpoint``) folder a run under torchrun wrote."""
+        cfg = self.cfg
+        if is_sharded_checkpoint(ckpt):
+            from .distributed import load_sharded_whole
+
+            model, opt_state = load_sharded_whole(ckpt, self.device, cfg)
+            return self._install(model, opt_state, cfg.phase(state["phase"]).lr)
+        model = load_model(ckpt, device=self.device)
+        _rehome_(model.parameters())
+        optimizer = make_optimizer(model, cfg, cfg.phase(state["phase"]).lr)
+        load_optimizer(optimizer, model, ckpt)
+        for st in optimizer.state.values():
+            for k, v in st.items():
+                if torch.is_tensor(v):
+                    st[k] = v.clone()
+        return model, optimizer
+
+    def _open_metrics(self, keep: int | None):
+        """(hook) ``metrics.jsonl``; ``keep``: the records a resumed run keeps."""
+        return MetricsLog(self.run_dir / "metrics.jsonl", keep=keep)
 
     # ------------------------------------------------------------------ evaluation
 
@@ -296,7 +333,12 @@ class Trainer:
         if self.monitor is not None:
             self.monitor.close()
         scale = self.cfg.scale_factor if phase >= 3 else 1
-        self.monitor = GrowthMonitor(model, every=self.cfg.eval_interval, scale_factor=scale, warn=False)
+        self.monitor = GrowthMonitor(model, every=self.cfg.eval_interval, scale_factor=scale, warn=False,
+                                     **self._monitor_args())
+
+    def _monitor_args(self) -> dict[str, Any]:
+        """(hook) Extra GrowthMonitor arguments (the process group under torchrun)."""
+        return {}
 
     def _monitor_tick(self, phase: int) -> None:
         s = self.state
@@ -356,6 +398,15 @@ class Trainer:
         opt.zero_grad(set_to_none=True)
         return loss.detach(), ce, aux, grad_norm
 
+    def _next_batch(self, batch_size: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hook) The (x, y) this process trains on: the whole batch [batch_size, seq_len]."""
+        return self.ds.get_batch("train", batch_size, seq_len, self.batch_gen, device=self.device)
+
+    def _logged(self, loss, ce, aux):
+        """(hook) The (loss, ce, aux) to log: this process's (under torchrun, their mean
+        over the ranks, the same on every rank)."""
+        return loss, ce, aux
+
     def _spike_eval(self, phase: int, step: int) -> bool:
         """An extra evaluation: ``post_growth_evals`` of them, evenly spaced over the first
         quarter of a phase that follows a growth, to measure the loss spike there."""
@@ -369,7 +420,7 @@ class Trainer:
         total = cfg.phase(phase).steps
         B, T = cfg.batch_size, cfg.seq_len
         flops_per_step = training_flops_per_token(self.model.config, T) * B * T
-        bar = tqdm(total=total, initial=s["phase_step"], disable=not cfg.progress,
+        bar = tqdm(total=total, initial=s["phase_step"], disable=not cfg.progress or not self.is_main,
                    desc=f"phase {phase} ({PHASE_LABELS[phase]})", dynamic_ncols=True,
                    unit="step", leave=True)
         interval_tokens, interval_time = 0, 0.0
@@ -378,7 +429,7 @@ class Trainer:
                 step = s["phase_step"]
                 lr = lr_at(cfg, phase, step)
                 t = time.perf_counter()
-                x, y = self.ds.get_batch("train", B, T, self.batch_gen, device=self.device)
+                x, y = self._next_batch(B, T)
                 loss, ce, aux, gnorm = self._train_step(x, y, lr)
                 s["phase_step"] += 1
                 s["global_step"] += 1
@@ -387,6 +438,7 @@ class Trainer:
                 interval_tokens += B * T
                 last = s["phase_step"] == total
                 if s["phase_step"] % cfg.log_interval == 0 or last:
+                    loss, ce, aux = self._logged(loss, ce, aux)
                     loss_v = float(loss)  # syncs the device, so the timing below is real
                     interval_time += time.perf_counter() - t
                     tps = interval_tokens / max(interval_time, 1e-9)
@@ -452,16 +504,25 @@ class Trainer:
         return growth.scale_bilaterally(old, cfg.scale_factor, cfg.extra_layers, cfg.noise_std,
                                         depth_mode=cfg.depth_mode, seed=cfg.seed)
 
+    def _whole_model(self) -> tuple[Transformer, torch.optim.AdamW]:
+        """(hook) The model to grow and the AdamW that trained it, whole on this process."""
+        return self.model, self.optimizer
+
+    def _reshard(self, model: Transformer, optimizer: torch.optim.AdamW) -> tuple[Transformer, torch.optim.AdamW]:
+        """(hook) The grown model and its AdamW as they train: as they are in one process;
+        sharded again under torchrun."""
+        return model, optimizer
+
     def grow_into(self, phase: int) -> None:
         """Grows the current model into phase ``phase``'s model, checks it, swaps it in."""
         import growkit.growth as growth
 
         cfg, s = self.cfg, self.state
         event = GROWTH_EVENTS[phase]
-        old_model, old_opt = self.model, self.optimizer
         if s["last_val_global_step"] != s["global_step"]:
             self._evaluate_and_log()
         val_before = s["last_val_loss"]
+        old_model, old_opt = self._whole_model()
 
         self._say(f"growth into phase {phase}: {event} ...")
         t = time.perf_counter()
@@ -489,7 +550,7 @@ class Trainer:
             "new_model_config": new_model.config.to_dict(),
             "grow_s": t_grow, "check_s": t_check,
         }
-        atomic_write_json(self.run_dir / report_name, report)
+        self._write_json(self.run_dir / report_name, report)
         # The text report, as detailed_growth_check prints it (the JSON file has the same).
         text = full_text or short_text
         if text:
@@ -524,6 +585,7 @@ class Trainer:
             n = growth.transfer_adam_state(old_model, new_model, old_opt, new_opt)
             self._say(f"  Adam state carried over for {n} of "
                       f"{sum(1 for _ in new_model.parameters())} parameters")
+        new_model, new_opt = self._reshard(new_model, new_opt)
         if self.freeze is not None:
             self.freeze.remove()
             self.freeze = None
