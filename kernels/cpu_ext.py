@@ -137,14 +137,28 @@ def noise_rows(lib: ctypes.CDLL, w: torch.Tensor, s: int, mode: str, start: int,
         raise MemoryError("growkit_hyperclone_noise_rows failed (arguments refused or out of memory)")
 
 
+def reference_rows(w: torch.Tensor, s: int, mode: str, start: int, k0: int, k1: int, noise_div: float,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """What :func:`noise_rows` writes, in torch ([rows, s, I] of ``dtype``): the spec of
+    ``naive_hyperclone``'s noisy rows, one element index at a time."""
+    from .noise import uniform_int_torch
+
+    rows, I = w.shape
+    d = start + torch.arange(rows)[:, None, None] * (s * I) + torch.arange(s)[:, None] * I + torch.arange(I)
+    c = uniform_int_torch(d, k0, k1)
+    if mode == "pair":  # block 1 gets minus the draw at block 0's index
+        c = torch.cat([c[:, :1], -c[:, :1]], dim=1)
+    elif mode == "zero_sum":
+        c = s * c - c.sum(dim=1, keepdim=True)
+    return (w[:, None, :] + c.to(torch.float32) / torch.tensor(noise_div, dtype=torch.float32)).to(dtype)
+
+
 def _self_check(lib: ctypes.CDLL) -> str | None:
     """Compares the library with the torch reference on small grids; None when every bit agrees.
 
     The grids start past 2**34 elements (where the hash's high word changes mid-row) and at
     an index that is not a multiple of 4, for each mode and output dtype.
     """
-    from .noise import uniform_int_torch
-
     gen = torch.Generator().manual_seed(0)
     k0, k1 = 0x12345678, 0x9ABCDEF0
     for mode, s in (("pair", 2), ("independent", 3), ("zero_sum", 3)):
@@ -153,14 +167,7 @@ def _self_check(lib: ctypes.CDLL) -> str | None:
                 continue
             rows, I, start = 3, 7, (1 << 34) - 22  # row 1 crosses 2**34; start % 4 == 2
             w = torch.randn(rows, I, generator=gen)
-            d = start + torch.arange(rows)[:, None, None] * (s * I) + torch.arange(s)[:, None] * I + torch.arange(I)
-            c = uniform_int_torch(d, k0, k1)
-            if mode == "pair":
-                c = torch.cat([c[:, :1], -c[:, :1]], dim=1)
-            elif mode == "zero_sum":
-                c = s * c - c.sum(dim=1, keepdim=True)
-            div = torch.tensor(37.5, dtype=torch.float32)
-            want = (w[:, None, :] + c.to(torch.float32) / div).to(dtype)
+            want = reference_rows(w, s, mode, start, k0, k1, 37.5, dtype)
             got = torch.full((rows, s, I), float("nan"), dtype=dtype)
             noise_rows(lib, w, s, mode, start, k0, k1, 37.5, got)
             if not torch.equal(got.view(torch.int16 if dtype != torch.float32 else torch.int32),

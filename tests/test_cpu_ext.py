@@ -16,7 +16,7 @@ import torch
 
 from growkit.kernels import cpu_ext
 from growkit.kernels.hyperclone import _hyperclone_cpu, naive_hyperclone
-from growkit.kernels.noise import noise_divisor, seed_keys, uniform_int_torch
+from growkit.kernels.noise import noise_divisor, seed_keys
 
 HAS_CC = any(shutil.which(c) for c in ("cc", "gcc", "clang"))
 
@@ -67,13 +67,7 @@ def test_rows_match_the_spec_at_any_global_index(mode, s, dtype, start):
     w = torch.randn(rows, I, generator=gen) * 3
     k0, k1 = seed_keys(2**40 + 17)
     nd = noise_divisor(0.05, s, mode == "zero_sum")
-    d = start + torch.arange(rows)[:, None, None] * (s * I) + torch.arange(s)[:, None] * I + torch.arange(I)
-    c = uniform_int_torch(d, k0, k1)
-    if mode == "pair":
-        c = torch.cat([c[:, :1], -c[:, :1]], dim=1)
-    elif mode == "zero_sum":
-        c = s * c - c.sum(dim=1, keepdim=True)
-    want = (w[:, None, :] + c.to(torch.float32) / torch.tensor(nd)).to(dtype)
+    want = cpu_ext.reference_rows(w, s, mode, start, k0, k1, nd, dtype)
     got = torch.full((rows, s, I), float("nan"), dtype=dtype)
     cpu_ext.noise_rows(lib, w, s, mode, start, k0, k1, nd, got)
     assert torch.equal(got, want)

@@ -14,8 +14,6 @@ import importlib.util
 import json
 import math
 import os
-import socket
-import subprocess
 import sys
 import time
 import traceback
@@ -28,6 +26,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
+from rank_launcher import spawn_ranks  # noqa: E402
 from model_factory import random_ids, random_model  # noqa: E402
 
 from growkit.growth import grow_width, upcycle_to_moe  # noqa: E402
@@ -238,36 +237,8 @@ def _worker(out_dir: str) -> int:
 # ----------------------------------------------------------------------------------------
 # the tests
 # ----------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _spawn(out, timeout: float = 150.0) -> tuple[list[int | None], str]:
-    """Starts the WORLD workers (output to files: no pipe can fill up), waits; (exit codes, logs)."""
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(WORLD),
-               OMP_NUM_THREADS="1")
-    # the kernels' torch reference unless asked otherwise: the Triton interpreter makes the
-    # workers 3x slower (18 s instead of 6 s) and its kernels are tested on their own
-    env.setdefault("GROWKIT_BACKEND", "torch")
-    procs = []
-    for r in range(WORLD):
-        with open(out / f"log{r}.txt", "w") as log:
-            procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", str(out)],
-                                          env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
-                                          stdout=log, stderr=subprocess.STDOUT))
-    deadline = time.monotonic() + timeout
-    for p in procs:
-        try:
-            p.wait(timeout=max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                if q.poll() is None:
-                    q.kill()
-                    q.wait()
-    logs = "\n".join(f"--- rank {r}:\n" + (out / f"log{r}.txt").read_text() for r in range(WORLD))
-    return [p.returncode for p in procs], logs
+    return spawn_ranks(__file__, out, WORLD, timeout)
 
 
 @pytest.fixture(scope="module")

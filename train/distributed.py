@@ -198,40 +198,33 @@ class DistContext:
         dist.all_gather(bufs, mine)
         return [json.loads(bytes(b[:int(s)].tolist()).decode("utf-8")) for b, s in zip(bufs, sizes)]
 
-    def rank0_first(self, fn: Callable[[], Any]) -> Any:
-        """Runs ``fn`` on rank 0, then (if it succeeded there) on the other ranks: what it
-        writes (token caches, ...) is written once. A failure on rank 0 is raised on every
-        rank (as ``ValueError`` with rank 0's message on the others)."""
+    def _on_rank0(self, fn: Callable[[], Any], share: bool) -> Any:
+        """``fn()`` on rank 0 alone; its result (if ``share``: JSON-able) on every rank. A
+        failure there is raised on every rank (``ValueError`` with rank 0's message on the
+        others), so no rank goes on alone."""
         result, error = None, None
         if self.is_main:
             try:
                 result = fn()
             except Exception as e:  # noqa: BLE001 - re-raised below, after telling the others
                 error = e
-        msg = self.broadcast_json(None if error is None else
-                                  [type(error).__name__, " ".join(str(error).split())])
-        if error is not None:
-            raise error
-        if msg is not None:
-            raise ValueError(msg[1])
-        return result if self.is_main else fn()
-
-    def rank0_only(self, fn: Callable[[], Any]) -> Any:
-        """``fn()`` (JSON-able) run on rank 0 alone, its result on every rank; a failure
-        there is raised on every rank (``ValueError`` with rank 0's message on the others)."""
-        result, error = None, None
-        if self.is_main:
-            try:
-                result = fn()
-            except Exception as e:  # noqa: BLE001 - re-raised below, after telling the others
-                error = e
-        got = self.broadcast_json({"result": result} if error is None else
+        got = self.broadcast_json({"result": result if share else None} if error is None else
                                   {"error": " ".join(str(error).split()) or type(error).__name__})
         if error is not None:
             raise error
         if "error" in got:
             raise ValueError(got["error"])
-        return got["result"]
+        return result if self.is_main else got["result"]
+
+    def rank0_first(self, fn: Callable[[], Any]) -> Any:
+        """Runs ``fn`` on rank 0, then (if it succeeded there) on the other ranks: what it
+        writes (token caches, ...) is written once."""
+        result = self._on_rank0(fn, share=False)
+        return result if self.is_main else fn()
+
+    def rank0_only(self, fn: Callable[[], Any]) -> Any:
+        """``fn()`` (JSON-able) run on rank 0 alone, its result on every rank."""
+        return self._on_rank0(fn, share=True)
 
     def check_config(self, cfg: TrainConfig) -> None:
         """What this world size needs of the config (ValueError naming the field)."""

@@ -1,0 +1,50 @@
+"""Starts a test's worker script as N ranks with torchrun's environment, on 127.0.0.1.
+
+The distributed tests (``test_distributed_monitor.py``, ``test_distributed_pipeline.py``)
+run their scenarios in one group of processes: each is ``python SCRIPT --worker OUT`` with
+RANK, LOCAL_RANK, WORLD_SIZE and MASTER_ADDR/PORT set as torchrun sets them, its output
+going to ``OUT/log<r>.txt`` (a file: no pipe can fill up and block a rank).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_ranks(script: str, out: str | os.PathLike, world: int, timeout: float) -> tuple[list[int | None], str]:
+    """Runs the ranks and waits (killing them all past ``timeout`` seconds); returns (exit
+    codes, the ranks' logs)."""
+    out = Path(out)
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(world),
+               OMP_NUM_THREADS="1")
+    # the kernels' torch reference unless asked otherwise: the Triton interpreter makes the
+    # workers 3x slower (18 s instead of 6 s) and its kernels are tested on their own
+    env.setdefault("GROWKIT_BACKEND", "torch")
+    procs = []
+    for r in range(world):
+        with open(out / f"log{r}.txt", "w") as log:
+            procs.append(subprocess.Popen([sys.executable, os.path.abspath(script), "--worker", str(out)],
+                                          env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
+                                          stdout=log, stderr=subprocess.STDOUT))
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        try:
+            p.wait(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                if q.poll() is None:
+                    q.kill()
+                    q.wait()
+    logs = "\n".join(f"--- rank {r}:\n" + (out / f"log{r}.txt").read_text() for r in range(world))
+    return [p.returncode for p in procs], logs
