@@ -48,3 +48,34 @@ def spawn_ranks(script: str, out: str | os.PathLike, world: int, timeout: float)
                     q.wait()
     logs = "\n".join(f"--- rank {r}:\n" + (out / f"log{r}.txt").read_text() for r in range(world))
     return [p.returncode for p in procs], logs
+
+
+def run_scenarios(out_dir: str | os.PathLike, scenarios: dict) -> int:
+    """The worker's side: joins the gloo group, runs ``scenarios`` (name -> callable(rank) ->
+    JSON-able dict) in order, writes ``OUT/rank<r>.json`` (each result, ``<name>_seconds``,
+    and the traceback of a failure), returns the exit status. After a failure the remaining
+    scenarios are not run: their collectives would wait for a rank that has left them."""
+    import json
+    import traceback
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    rank = int(os.environ["RANK"])
+    dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+    results, code = {}, 0
+    try:
+        for name, fn in scenarios.items():
+            t0 = time.perf_counter()
+            try:
+                results[name] = fn(rank)
+            except Exception:  # noqa: BLE001 - recorded for the test to show
+                results[name] = {"error": traceback.format_exc()}
+                code = 1
+                break
+            results[name + "_seconds"] = time.perf_counter() - t0
+    finally:
+        (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(results))
+        if code == 0:
+            dist.destroy_process_group()
+    return code

@@ -15,10 +15,7 @@ import json
 import math
 import os
 import sys
-import time
-import traceback
 import warnings
-from datetime import timedelta
 
 import pytest
 import torch
@@ -26,7 +23,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from rank_launcher import spawn_ranks  # noqa: E402
+from rank_launcher import run_scenarios, spawn_ranks  # noqa: E402
 from model_factory import random_ids, random_model  # noqa: E402
 
 from growkit.growth import grow_width, upcycle_to_moe  # noqa: E402
@@ -210,28 +207,9 @@ SCENARIOS = {"fsdp_twins": scenario_fsdp_twins, "identical_twins": scenario_iden
 
 
 def _worker(out_dir: str) -> int:
-    import torch.distributed as dist
-
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    world = int(os.environ["WORLD_SIZE"])
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", timeout=timedelta(seconds=60))
-    results, code = {}, 0
-    try:
-        for name, fn in SCENARIOS.items():
-            t0 = time.perf_counter()
-            try:
-                results[name] = fn(rank, world)
-            except Exception:  # recorded, and the remaining scenarios are not run (collectives)
-                results[name] = {"error": traceback.format_exc()}
-                code = 1
-                break
-            results[name + "_seconds"] = time.perf_counter() - t0
-    finally:
-        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-            json.dump(results, f)
-        if code == 0:
-            dist.destroy_process_group()
-    return code
+    return run_scenarios(out_dir, {name: (lambda rank, fn=fn: fn(rank, world)) for name, fn in SCENARIOS.items()})
 
 
 # ----------------------------------------------------------------------------------------

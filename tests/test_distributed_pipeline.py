@@ -17,9 +17,6 @@ import math
 import os
 import shutil
 import sys
-import time
-import traceback
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -28,7 +25,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from rank_launcher import spawn_ranks  # noqa: E402
+from rank_launcher import run_scenarios, spawn_ranks  # noqa: E402
 from model_factory import TINY_PIPELINE as TINY  # noqa: E402
 
 WORLD = 2
@@ -229,27 +226,8 @@ SCENARIOS = {"fsdp": scenario_fsdp, "ddp": scenario_ddp, "corrupt": scenario_cor
 
 
 def _worker(out_dir: str) -> int:
-    import torch.distributed as dist
-
     out = Path(out_dir)
-    rank = int(os.environ["RANK"])
-    dist.init_process_group("gloo", timeout=timedelta(seconds=60))
-    results, code = {}, 0
-    try:
-        for name, fn in SCENARIOS.items():
-            t0 = time.perf_counter()
-            try:
-                results[name] = fn(out, rank)
-            except Exception:  # recorded; the rest are not run (their collectives would hang)
-                results[name] = {"error": traceback.format_exc()}
-                code = 1
-                break
-            results[name]["seconds"] = time.perf_counter() - t0
-    finally:
-        (out / f"rank{rank}.json").write_text(json.dumps(results))
-        if code == 0:
-            dist.destroy_process_group()
-    return code
+    return run_scenarios(out, {name: (lambda rank, fn=fn: fn(out, rank)) for name, fn in SCENARIOS.items()})
 
 
 # ----------------------------------------------------------------------------------------
@@ -290,7 +268,7 @@ def runs(tmp_path_factory):
         assert path.exists(), f"rank {r} wrote nothing:\n{logs}"
         results.append(json.loads(path.read_text()))
     for r, res in enumerate(results):
-        errors = {k: v["error"] for k, v in res.items() if "error" in v}
+        errors = {k: v["error"] for k, v in res.items() if isinstance(v, dict) and "error" in v}
         assert not errors, f"rank {r}: {errors}\n{logs}"
     assert codes == [0] * WORLD, logs
     torch.set_num_threads(n_threads)
