@@ -79,3 +79,23 @@ def run_scenarios(out_dir: str | os.PathLike, scenarios: dict) -> int:
         if code == 0:
             dist.destroy_process_group()
     return code
+
+
+def run_ranks(script: str, out: str | os.PathLike, world: int, timeout: float) -> tuple[list[dict], str]:
+    """:func:`spawn_ranks` (once more if the free port was taken meanwhile), then each rank's
+    ``rank<r>.json``; fails the calling test, with the logs, if a rank failed."""
+    import json
+
+    codes, logs = spawn_ranks(script, out, world, timeout)
+    if any(codes) and "address already in use" in logs.lower():
+        codes, logs = spawn_ranks(script, out, world, timeout)
+    results = []
+    for r in range(world):
+        path = Path(out) / f"rank{r}.json"
+        assert path.exists(), f"rank {r} wrote nothing:\n{logs}"
+        results.append(json.loads(path.read_text()))
+    for r, res in enumerate(results):
+        errors = {k: v["error"] for k, v in res.items() if isinstance(v, dict) and "error" in v}
+        assert not errors, f"rank {r}: {errors}\n{logs}"
+    assert codes == [0] * world, logs
+    return results, logs

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import json
 import math
 import os
 import sys
@@ -23,7 +22,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from rank_launcher import run_scenarios, spawn_ranks  # noqa: E402
+from rank_launcher import run_ranks, run_scenarios  # noqa: E402
 from model_factory import random_ids, random_model  # noqa: E402
 
 from growkit.growth import grow_width, upcycle_to_moe  # noqa: E402
@@ -215,26 +214,11 @@ def _worker(out_dir: str) -> int:
 # ----------------------------------------------------------------------------------------
 # the tests
 # ----------------------------------------------------------------------------------------
-def _spawn(out, timeout: float = 150.0) -> tuple[list[int | None], str]:
-    return spawn_ranks(__file__, out, WORLD, timeout)
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     """Runs the scenarios on 2 gloo ranks once; the list of each rank's results."""
     out = tmp_path_factory.mktemp("dist_monitor")
-    codes, logs = _spawn(out)
-    if any(codes) and "address already in use" in logs.lower():  # the free port was taken meanwhile
-        codes, logs = _spawn(out)
-    results = []
-    for r in range(WORLD):
-        path = out / f"rank{r}.json"
-        assert path.exists(), f"rank {r} wrote nothing:\n{logs}"
-        results.append(json.loads(path.read_text()))
-    for r, res in enumerate(results):
-        errors = {k: v["error"] for k, v in res.items() if isinstance(v, dict) and "error" in v}
-        assert not errors, f"rank {r}: {errors}\n{logs}"
-    assert codes == [0] * WORLD, logs
+    results, logs = run_ranks(__file__, out, WORLD, 150.0)
     return results
 
 

@@ -25,7 +25,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from rank_launcher import run_scenarios, spawn_ranks  # noqa: E402
+from rank_launcher import run_ranks, run_scenarios  # noqa: E402
 from model_factory import TINY_PIPELINE as TINY  # noqa: E402
 
 WORLD = 2
@@ -233,10 +233,6 @@ def _worker(out_dir: str) -> int:
 # ----------------------------------------------------------------------------------------
 # the tests
 # ----------------------------------------------------------------------------------------
-def _spawn(out, timeout: float = 180.0) -> tuple[list[int | None], str]:
-    return spawn_ranks(__file__, out, WORLD, timeout)
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Single-process runs (whole; killed at step 13), then the 2-rank scenarios."""
@@ -259,18 +255,7 @@ def runs(tmp_path_factory):
         assert pipeline.main([*TINY, "--run-dir", str(out / "single_partial")]) == 130
     finally:
         Trainer._train_step = real
-    codes, logs = _spawn(out)
-    if any(codes) and "address already in use" in logs.lower():  # the port was taken meanwhile
-        codes, logs = _spawn(out)
-    results = []
-    for r in range(WORLD):
-        path = out / f"rank{r}.json"
-        assert path.exists(), f"rank {r} wrote nothing:\n{logs}"
-        results.append(json.loads(path.read_text()))
-    for r, res in enumerate(results):
-        errors = {k: v["error"] for k, v in res.items() if isinstance(v, dict) and "error" in v}
-        assert not errors, f"rank {r}: {errors}\n{logs}"
-    assert codes == [0] * WORLD, logs
+    results, logs = run_ranks(__file__, out, WORLD, 180.0)
     torch.set_num_threads(n_threads)
     return out, results, logs
 
