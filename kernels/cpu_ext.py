@@ -79,8 +79,9 @@ def _load(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     fn = lib.growkit_hyperclone_noise_rows
     fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int64,
-                   ctypes.c_uint32, ctypes.c_uint32, ctypes.c_float, ctypes.c_void_p, ctypes.c_int]
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                   ctypes.c_int, ctypes.c_int64, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_float, ctypes.c_void_p,
+                   ctypes.c_int]
     lib.growkit_supports_f16.restype = ctypes.c_int
     lib.growkit_supports_f16.argtypes = []
     return lib
@@ -122,42 +123,48 @@ def supports(dtype: torch.dtype) -> bool:
     return dtype != torch.float16 or bool(lib.growkit_supports_f16())
 
 
-def noise_rows(lib: ctypes.CDLL, w: torch.Tensor, s: int, mode: str, start: int, k0: int, k1: int,
+def noise_rows(lib: ctypes.CDLL, src: torch.Tensor, divisor: int, s: int, mode: str, start: int, k0: int, k1: int,
                noise_div: float, out: torch.Tensor) -> None:
-    """Writes ``out`` [rows, s, I] (contiguous, float32/bfloat16/float16) from ``w`` [rows, I]
-    (contiguous float32, already divided): ``out[r, b] = w[r] + noise`` of the elements whose
-    global output indices are ``start + r * s * I + b * I + i``."""
-    rows, I = w.shape
-    if not (w.is_contiguous() and w.dtype == torch.float32 and out.is_contiguous()
+    """Writes ``out`` [rows, s, I] (contiguous) from the source rows ``src`` [rows, I] (of
+    ``out``'s dtype, each row contiguous, any row stride): ``out[r, b] = src[r] / divisor +
+    noise`` of the elements whose global output indices are ``start + r * s * I + b * I + i``,
+    the division and the add in float32 as in ``naive_hyperclone``."""
+    rows, I = src.shape
+    if not (src.dtype == out.dtype and (src.stride(1) == 1 or I == 1) and out.is_contiguous()
             and out.numel() == rows * s * I):
-        raise ValueError("noise_rows: w must be contiguous float32 [rows, I] and out contiguous [rows, s, I]")
-    rc = lib.growkit_hyperclone_noise_rows(w.data_ptr(), rows, I, s, MODES[mode], start, k0, k1, noise_div,
-                                           out.data_ptr(), OUT_KINDS[out.dtype])
+        raise ValueError("noise_rows: src must be [rows, I] with contiguous rows and out contiguous "
+                         "[rows, s, I], both of one dtype")
+    rc = lib.growkit_hyperclone_noise_rows(src.data_ptr(), src.stride(0), float(divisor), rows, I, s, MODES[mode],
+                                           start, k0, k1, noise_div, out.data_ptr(), OUT_KINDS[out.dtype])
     if rc != 0:
         raise MemoryError("growkit_hyperclone_noise_rows failed (arguments refused or out of memory)")
 
 
-def reference_rows(w: torch.Tensor, s: int, mode: str, start: int, k0: int, k1: int, noise_div: float,
-                   dtype: torch.dtype) -> torch.Tensor:
-    """What :func:`noise_rows` writes, in torch ([rows, s, I] of ``dtype``): the spec of
+def reference_rows(src: torch.Tensor, divisor: int, s: int, mode: str, start: int, k0: int, k1: int,
+                   noise_div: float) -> torch.Tensor:
+    """What :func:`noise_rows` writes, in torch ([rows, s, I] of ``src``'s dtype): the spec of
     ``naive_hyperclone``'s noisy rows, one element index at a time."""
     from .noise import uniform_int_torch
 
-    rows, I = w.shape
+    rows, I = src.shape
+    w = src.to(torch.float32)
+    if divisor != 1:
+        w = w / torch.tensor(float(divisor), dtype=torch.float32)
     d = start + torch.arange(rows)[:, None, None] * (s * I) + torch.arange(s)[:, None] * I + torch.arange(I)
     c = uniform_int_torch(d, k0, k1)
     if mode == "pair":  # block 1 gets minus the draw at block 0's index
         c = torch.cat([c[:, :1], -c[:, :1]], dim=1)
     elif mode == "zero_sum":
         c = s * c - c.sum(dim=1, keepdim=True)
-    return (w[:, None, :] + c.to(torch.float32) / torch.tensor(noise_div, dtype=torch.float32)).to(dtype)
+    return (w[:, None, :] + c.to(torch.float32) / torch.tensor(noise_div, dtype=torch.float32)).to(src.dtype)
 
 
 def _self_check(lib: ctypes.CDLL) -> str | None:
     """Compares the library with the torch reference on small grids; None when every bit agrees.
 
     The grids start past 2**34 elements (where the hash's high word changes mid-row) and at
-    an index that is not a multiple of 4, for each mode and output dtype.
+    an index that is not a multiple of 4, for each mode and dtype, with the source divided
+    (by 3: not a power of two) and not, its rows strided.
     """
     gen = torch.Generator().manual_seed(0)
     k0, k1 = 0x12345678, 0x9ABCDEF0
@@ -165,12 +172,13 @@ def _self_check(lib: ctypes.CDLL) -> str | None:
         for dtype in OUT_KINDS:
             if dtype == torch.float16 and not lib.growkit_supports_f16():
                 continue
-            rows, I, start = 3, 7, (1 << 34) - 22  # row 1 crosses 2**34; start % 4 == 2
-            w = torch.randn(rows, I, generator=gen)
-            want = reference_rows(w, s, mode, start, k0, k1, 37.5, dtype)
-            got = torch.full((rows, s, I), float("nan"), dtype=dtype)
-            noise_rows(lib, w, s, mode, start, k0, k1, 37.5, got)
-            if not torch.equal(got.view(torch.int16 if dtype != torch.float32 else torch.int32),
-                               want.view(torch.int16 if dtype != torch.float32 else torch.int32)):
-                return f"mode {mode}, {dtype}"
+            for divisor in (1, 3):
+                rows, I, start = 3, 7, (1 << 34) - 22  # row 1 crosses 2**34; start % 4 == 2
+                src = torch.randn(rows, I + 5, generator=gen).to(dtype)[:, 2:I + 2]  # strided rows
+                want = reference_rows(src, divisor, s, mode, start, k0, k1, 37.5)
+                got = torch.full((rows, s, I), float("nan"), dtype=dtype)
+                noise_rows(lib, src, divisor, s, mode, start, k0, k1, 37.5, got)
+                bits = torch.int16 if dtype != torch.float32 else torch.int32
+                if not torch.equal(got.view(bits), want.view(bits)):
+                    return f"mode {mode}, {dtype}, divisor {divisor}"
     return None

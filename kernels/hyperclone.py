@@ -215,7 +215,11 @@ CPU_CHUNK_DRAWS = 1 << 18
 # pieces side by side and met in the same fresh 2 MiB pages (the kernel zeroes a huge page
 # under a lock); bf16 [8192, 2048] -> x2 took 50 ms at 2**18, 34 ms at 2**20, 35 ms at
 # 2**21 (25 ms without noise), medians of 3 on this 2-core VM. Its workspace stays ~4 MB
-# a thread (the source rows in float32), as the numpy path's does at 2**18.
+# a thread at most (source rows staged only when they are not contiguous), against the
+# numpy path's ~4 MB at 2**18. The library reads the source rows in place and divides them
+# itself (float32, one IEEE division, as torch), instead of staging them through a float32
+# copy and torch.div: no float32 workspace, one pass fewer over the source; the time moved
+# within this VM's noise (the tensor above: 29-36 ms against 34-35 ms).
 CPU_EXT_CHUNK_DRAWS = 1 << 20
 
 
@@ -279,9 +283,6 @@ def _hyperclone_cpu(
     def workspace(n):
         if not hasattr(local, "w"):
             local.w = torch.empty(rows_per_chunk, I)
-        if lib is not None:  # the library needs the source rows alone
-            return local.w[:n], None, None, None, None
-        if not hasattr(local, "y"):
             local.y = torch.empty(rows_per_chunk, in_repeat, I)
             local.noise = np.empty((rows_per_chunk, draw_cols), np.float32)
             local.bits = np.empty((rows_per_chunk, draw_cols // 4), np.uint32)
@@ -290,15 +291,21 @@ def _hyperclone_cpu(
 
     def fill(e: int, r0: int) -> None:
         n = min(O, r0 + rows_per_chunk) - r0
+        if lib is not None:
+            src = w3[e, r0:r0 + n]
+            if I > 1 and src.stride(1) != 1:  # rows the library cannot read in place: staged
+                if not hasattr(local, "src"):
+                    local.src = torch.empty(rows_per_chunk, I, dtype=weight.dtype)
+                src = local.src[:n].copy_(src)
+            for a in range(out_repeat):
+                start = e * (out_repeat * O * row_len) + (a * O + r0) * row_len
+                cpu_ext.noise_rows(lib, src, divisor, in_repeat, mode, start, k0, k1, noise_div,
+                                   out5[e, a, r0:r0 + n])
+            return
         w, y, noise_f, bits, tmp = workspace(n)
         w.copy_(w3[e, r0:r0 + n])
         if divisor_t is not None:
             torch.div(w, divisor_t, out=w)
-        if lib is not None:
-            for a in range(out_repeat):
-                start = e * (out_repeat * O * row_len) + (a * O + r0) * row_len
-                cpu_ext.noise_rows(lib, w, in_repeat, mode, start, k0, k1, noise_div, out5[e, a, r0:r0 + n])
-            return
         w_np, y_np = w.numpy(), y.numpy()
         for a in range(out_repeat):
             start = e * (out_repeat * O * row_len) + (a * O + r0) * row_len

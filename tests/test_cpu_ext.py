@@ -57,19 +57,22 @@ def test_the_library_is_built_and_used_where_a_compiler_is(fresh_library, monkey
                                     ("zero_sum", 5)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("start", [0, 6, (1 << 34) - 30, (1 << 40) + 3])
-def test_rows_match_the_spec_at_any_global_index(mode, s, dtype, start):
-    """Row groups that start unaligned and cross a change of the hash's high word (2**34)."""
+@pytest.mark.parametrize("divisor", [1, 3])
+def test_rows_match_the_spec_at_any_global_index(mode, s, dtype, start, divisor):
+    """Row groups that start unaligned and cross a change of the hash's high word (2**34),
+    from strided source rows, divided (by 3: not a power of two) or not."""
     lib = cpu_ext.library()
     if lib is None or not cpu_ext.supports(dtype):
         pytest.skip("no C library here (no compiler, or no _Float16): the numpy path is tested instead")
     gen = torch.Generator().manual_seed(start % 1000 + s)
     rows, I = 4, 9
-    w = torch.randn(rows, I, generator=gen) * 3
+    src = (torch.randn(rows, I + 3, generator=gen) * 3).to(dtype)[:, 1:I + 1]
+    assert not src.is_contiguous() and src.stride(1) == 1
     k0, k1 = seed_keys(2**40 + 17)
     nd = noise_divisor(0.05, s, mode == "zero_sum")
-    want = cpu_ext.reference_rows(w, s, mode, start, k0, k1, nd, dtype)
+    want = cpu_ext.reference_rows(src, divisor, s, mode, start, k0, k1, nd)
     got = torch.full((rows, s, I), float("nan"), dtype=dtype)
-    cpu_ext.noise_rows(lib, w, s, mode, start, k0, k1, nd, got)
+    cpu_ext.noise_rows(lib, src, divisor, s, mode, start, k0, k1, nd, got)
     assert torch.equal(got, want)
 
 
@@ -111,7 +114,9 @@ def test_noise_rows_refuses_buffers_of_the_wrong_layout():
     if lib is None:
         pytest.skip("no C library here")
     w = torch.randn(4, 6)
-    with pytest.raises(ValueError, match="contiguous"):
-        cpu_ext.noise_rows(lib, w.t().contiguous().t(), 2, "pair", 0, 1, 2, 3.0, torch.empty(4, 2, 6))
-    with pytest.raises(ValueError, match="contiguous"):
-        cpu_ext.noise_rows(lib, w, 2, "pair", 0, 1, 2, 3.0, torch.empty(4, 2, 5))
+    with pytest.raises(ValueError, match="contiguous"):  # columns not contiguous
+        cpu_ext.noise_rows(lib, w.t().contiguous().t(), 2, 2, "pair", 0, 1, 2, 3.0, torch.empty(4, 2, 6))
+    with pytest.raises(ValueError, match="contiguous"):  # the wrong output size
+        cpu_ext.noise_rows(lib, w, 2, 2, "pair", 0, 1, 2, 3.0, torch.empty(4, 2, 5))
+    with pytest.raises(ValueError, match="one dtype"):
+        cpu_ext.noise_rows(lib, w, 2, 2, "pair", 0, 1, 2, 3.0, torch.empty(4, 2, 6, dtype=torch.bfloat16))

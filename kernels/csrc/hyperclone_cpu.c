@@ -10,7 +10,8 @@
  *
  * Layout: the rows of one row of blocks of the output, out[r, b, i] for r < rows, b < s
  * (the input repeat), i < I, contiguous; the element's global output index is
- * start + r * (s * I) + b * I + i. w[r, i] is the source row, already divided by s.
+ * start + r * (s * I) + b * I + i. The source row r, of the output's dtype, is read and divided
+ * by the input repeat here (in float32, as torch divides it).
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -94,9 +95,33 @@ static void store(const float *y, int64_t n, void *dst, int out_kind) {
 
 int growkit_supports_f16(void) { return HAVE_F16; }
 
-/* Returns 0, or -1 for bad arguments / no memory (nothing written then). */
-int growkit_hyperclone_noise_rows(const float *w, int64_t rows, int64_t I, int64_t s, int mode,
-                                  int64_t start, uint32_t k0, uint32_t k1, float noise_div,
+/* Source row i of kind `kind` (the OUT_* codes) as float32, divided by `divisor` unless it is
+ * 1: (float)x / divisor, one IEEE division, as torch divides the float32 copy of a row. */
+static void load_row(const void *src, int kind, int64_t n, float divisor, float *w) {
+    if (kind == OUT_F32) {
+        memcpy(w, src, (size_t)n * 4);
+    } else if (kind == OUT_BF16) {
+        const uint16_t *b = (const uint16_t *)src;
+        for (int64_t i = 0; i < n; i++) {
+            uint32_t bits = (uint32_t)b[i] << 16;
+            memcpy(&w[i], &bits, 4);
+        }
+    }
+#if HAVE_F16
+    else {
+        const _Float16 *h = (const _Float16 *)src;
+        for (int64_t i = 0; i < n; i++) w[i] = (float)h[i];
+    }
+#endif
+    if (divisor != 1.0f)
+        for (int64_t i = 0; i < n; i++) w[i] = w[i] / divisor;
+}
+
+/* Returns 0, or -1 for bad arguments / no memory (nothing written then).
+ * src: the source rows, `src_row_stride` elements apart (each row contiguous), of the output's
+ * kind; divisor: what a source row is divided by (1: not divided). */
+int growkit_hyperclone_noise_rows(const void *src, int64_t src_row_stride, float divisor, int64_t rows, int64_t I,
+                                  int64_t s, int mode, int64_t start, uint32_t k0, uint32_t k1, float noise_div,
                                   void *out, int out_kind) {
     if (rows < 0 || I < 1 || s < 1 || start < 0 || mode < 0 || mode > 2 || out_kind < 0 || out_kind > 2) return -1;
     if (out_kind == OUT_F16 && !HAVE_F16) return -1;
@@ -107,13 +132,14 @@ int growkit_hyperclone_noise_rows(const float *w, int64_t rows, int64_t I, int64
     uint32_t *h = malloc((size_t)(draws / 4 + 2) * 4);
     uint8_t *u = malloc((size_t)draws);
     float *y = malloc((size_t)row_len * 4);
+    float *wr = malloc((size_t)I * 4);
     int64_t *c = malloc((size_t)(mode == MODE_ZERO_SUM ? I : 1) * 8);
-    if (!h || !u || !y || !c) {
-        free(h); free(u); free(y); free(c);
+    if (!h || !u || !y || !c || !wr) {
+        free(h); free(u); free(y); free(c); free(wr);
         return -1;
     }
     for (int64_t r = 0; r < rows; r++) {
-        const float *wr = w + r * I;
+        load_row((const char *)src + (size_t)(r * src_row_stride) * esize, out_kind, I, divisor, wr);
         uint64_t g = (uint64_t)start + (uint64_t)(r * row_len);
         draw_bytes(g, draws, k0, k1, h, u);
         if (mode == MODE_PAIR) {
@@ -138,6 +164,6 @@ int growkit_hyperclone_noise_rows(const float *w, int64_t rows, int64_t I, int64
         }
         store(y, row_len, (char *)out + (size_t)(r * row_len) * esize, out_kind);
     }
-    free(h); free(u); free(y); free(c);
+    free(h); free(u); free(y); free(c); free(wr);
     return 0;
 }
