@@ -81,7 +81,9 @@ def empty_cpu(shape, dtype: torch.dtype) -> torch.Tensor:
     ``python bench/growth_speed.py`` on this project's VM (THP ``always``, defrag
     ``madvise``), allocating and writing the 6.5 GiB of a 1B-parameter model grown x2
     took 2.16 s plain and 7.64 s advised (``grow_width`` itself moved within the noise:
-    4.86 s advised, 4.94 s not, one run each). The module docstring's 2x gain
+    4.86 s advised, 4.94 s not, one run each); two runs later the same day, 4.13 s plain
+    and 3.36 s advised, then 3.83 s and 4.76 s: the VM's memory state decides more than
+    the advice does. The module docstring's 2x gain
     was measured on the same VM an earlier day, in THP mode ``madvise`` or with a fresher
     memory map; which one, that session did not record.
     """
