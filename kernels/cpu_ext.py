@@ -80,8 +80,8 @@ def _load(path: Path) -> ctypes.CDLL:
     fn = lib.growkit_hyperclone_noise_rows
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-                   ctypes.c_int, ctypes.c_int64, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_float, ctypes.c_void_p,
-                   ctypes.c_int]
+                   ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint32, ctypes.c_uint32,
+                   ctypes.c_float, ctypes.c_void_p, ctypes.c_int]
     lib.growkit_supports_f16.restype = ctypes.c_int
     lib.growkit_supports_f16.argtypes = []
     return lib
@@ -125,17 +125,24 @@ def supports(dtype: torch.dtype) -> bool:
 
 def noise_rows(lib: ctypes.CDLL, src: torch.Tensor, divisor: int, s: int, mode: str, start: int, k0: int, k1: int,
                noise_div: float, out: torch.Tensor) -> None:
-    """Writes ``out`` [rows, s, I] (contiguous) from the source rows ``src`` [rows, I] (of
-    ``out``'s dtype, each row contiguous, any row stride): ``out[r, b] = src[r] / divisor +
-    noise`` of the elements whose global output indices are ``start + r * s * I + b * I + i``,
-    the division and the add in float32 as in ``naive_hyperclone``."""
+    """Writes ``out`` [R, rows, s, I] (or [rows, s, I]: R = 1) from the source rows ``src``
+    [rows, I] (of ``out``'s dtype, each row contiguous, any row stride), each read once:
+    ``out[a, r, b] = src[r] / divisor + noise`` of the elements whose global output indices
+    are ``start + a * out.stride(0) + r * s * I + b * I + i``, the division and the add in
+    float32 as in ``naive_hyperclone``. ``out[a]`` must be contiguous and the R rows of
+    blocks must not overlap: they are the rows of blocks of one contiguous output, whose
+    element offsets are their global indices."""
     rows, I = src.shape
-    if not (src.dtype == out.dtype and (src.stride(1) == 1 or I == 1) and out.is_contiguous()
-            and out.numel() == rows * s * I):
-        raise ValueError("noise_rows: src must be [rows, I] with contiguous rows and out contiguous "
-                         "[rows, s, I], both of one dtype")
+    if out.dim() == 3:
+        out = out.unsqueeze(0)
+    R = out.shape[0]
+    if not (src.dtype == out.dtype and (src.stride(1) == 1 or I == 1) and out.dim() == 4 and out[0].is_contiguous()
+            and out[0].numel() == rows * s * I and (R == 1 or out.stride(0) >= rows * s * I)):
+        raise ValueError("noise_rows: src must be [rows, I] with contiguous rows and out [R, rows, s, I] with "
+                         "contiguous, non-overlapping rows of blocks, both of one dtype")
     rc = lib.growkit_hyperclone_noise_rows(src.data_ptr(), src.stride(0), float(divisor), rows, I, s, MODES[mode],
-                                           start, k0, k1, noise_div, out.data_ptr(), OUT_KINDS[out.dtype])
+                                           start, R, out.stride(0), k0, k1, noise_div, out.data_ptr(),
+                                           OUT_KINDS[out.dtype])
     if rc != 0:
         raise MemoryError("growkit_hyperclone_noise_rows failed (arguments refused or out of memory)")
 
@@ -164,7 +171,8 @@ def _self_check(lib: ctypes.CDLL) -> str | None:
 
     The grids start past 2**34 elements (where the hash's high word changes mid-row) and at
     an index that is not a multiple of 4, for each mode and dtype, with the source divided
-    (by 3: not a power of two) and not, its rows strided.
+    (by 3: not a power of two) and not, its rows strided, into two rows of blocks a row
+    apart more than they fill.
     """
     gen = torch.Generator().manual_seed(0)
     k0, k1 = 0x12345678, 0x9ABCDEF0
@@ -175,8 +183,10 @@ def _self_check(lib: ctypes.CDLL) -> str | None:
             for divisor in (1, 3):
                 rows, I, start = 3, 7, (1 << 34) - 22  # row 1 crosses 2**34; start % 4 == 2
                 src = torch.randn(rows, I + 5, generator=gen).to(dtype)[:, 2:I + 2]  # strided rows
-                want = reference_rows(src, divisor, s, mode, start, k0, k1, 37.5)
-                got = torch.full((rows, s, I), float("nan"), dtype=dtype)
+                got = torch.full((2, rows + 1, s, I), float("nan"), dtype=dtype)[:, :rows]
+                step = got.stride(0)
+                want = torch.stack([reference_rows(src, divisor, s, mode, start + a * step, k0, k1, 37.5)
+                                    for a in range(2)])
                 noise_rows(lib, src, divisor, s, mode, start, k0, k1, 37.5, got)
                 bits = torch.int16 if dtype != torch.float32 else torch.int32
                 if not torch.equal(got.view(bits), want.view(bits)):

@@ -217,9 +217,10 @@ CPU_CHUNK_DRAWS = 1 << 18
 # 2**21 (25 ms without noise), medians of 3 on this 2-core VM. Its workspace stays ~4 MB
 # a thread at most (source rows staged only when they are not contiguous), against the
 # numpy path's ~4 MB at 2**18. The library reads the source rows in place and divides them
-# itself (float32, one IEEE division, as torch), instead of staging them through a float32
-# copy and torch.div: no float32 workspace, one pass fewer over the source; the time moved
-# within this VM's noise (the tensor above: 29-36 ms against 34-35 ms).
+# itself (float32, one IEEE division, as torch), once for all the rows of blocks it feeds,
+# instead of staging them through a float32 copy and torch.div: no float32 workspace, one
+# pass fewer over the source; the time moved within this VM's noise (the tensor above:
+# 29-36 ms against 34-35 ms).
 CPU_EXT_CHUNK_DRAWS = 1 << 20
 
 
@@ -297,10 +298,8 @@ def _hyperclone_cpu(
                 if not hasattr(local, "src"):
                     local.src = torch.empty(rows_per_chunk, I, dtype=weight.dtype)
                 src = local.src[:n].copy_(src)
-            for a in range(out_repeat):
-                start = e * (out_repeat * O * row_len) + (a * O + r0) * row_len
-                cpu_ext.noise_rows(lib, src, divisor, in_repeat, mode, start, k0, k1, noise_div,
-                                   out5[e, a, r0:r0 + n])
+            start = e * (out_repeat * O * row_len) + r0 * row_len  # of row block 0; the others O rows on
+            cpu_ext.noise_rows(lib, src, divisor, in_repeat, mode, start, k0, k1, noise_div, out5[e, :, r0:r0 + n])
             return
         w, y, noise_f, bits, tmp = workspace(n)
         w.copy_(w3[e, r0:r0 + n])

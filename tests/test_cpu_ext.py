@@ -58,9 +58,11 @@ def test_the_library_is_built_and_used_where_a_compiler_is(fresh_library, monkey
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("start", [0, 6, (1 << 34) - 30, (1 << 40) + 3])
 @pytest.mark.parametrize("divisor", [1, 3])
-def test_rows_match_the_spec_at_any_global_index(mode, s, dtype, start, divisor):
+@pytest.mark.parametrize("row_blocks", [1, 3])
+def test_rows_match_the_spec_at_any_global_index(mode, s, dtype, start, divisor, row_blocks):
     """Row groups that start unaligned and cross a change of the hash's high word (2**34),
-    from strided source rows, divided (by 3: not a power of two) or not."""
+    from strided source rows, divided (by 3: not a power of two) or not, into one row of
+    blocks or three, 2 rows further apart than they fill (as in a taller output)."""
     lib = cpu_ext.library()
     if lib is None or not cpu_ext.supports(dtype):
         pytest.skip("no C library here (no compiler, or no _Float16): the numpy path is tested instead")
@@ -70,8 +72,9 @@ def test_rows_match_the_spec_at_any_global_index(mode, s, dtype, start, divisor)
     assert not src.is_contiguous() and src.stride(1) == 1
     k0, k1 = seed_keys(2**40 + 17)
     nd = noise_divisor(0.05, s, mode == "zero_sum")
-    want = cpu_ext.reference_rows(src, divisor, s, mode, start, k0, k1, nd)
-    got = torch.full((rows, s, I), float("nan"), dtype=dtype)
+    got = torch.full((row_blocks, rows + 2, s, I), float("nan"), dtype=dtype)[:, :rows]
+    want = torch.stack([cpu_ext.reference_rows(src, divisor, s, mode, start + a * got.stride(0), k0, k1, nd)
+                        for a in range(row_blocks)])
     cpu_ext.noise_rows(lib, src, divisor, s, mode, start, k0, k1, nd, got)
     assert torch.equal(got, want)
 
@@ -120,3 +123,6 @@ def test_noise_rows_refuses_buffers_of_the_wrong_layout():
         cpu_ext.noise_rows(lib, w, 2, 2, "pair", 0, 1, 2, 3.0, torch.empty(4, 2, 5))
     with pytest.raises(ValueError, match="one dtype"):
         cpu_ext.noise_rows(lib, w, 2, 2, "pair", 0, 1, 2, 3.0, torch.empty(4, 2, 6, dtype=torch.bfloat16))
+    overlapping = torch.empty(72).as_strided((2, 4, 2, 6), (24, 12, 6, 1))  # rows of blocks 24 apart, 48 long
+    with pytest.raises(ValueError, match="non-overlapping"):
+        cpu_ext.noise_rows(lib, w, 2, 2, "pair", 0, 1, 2, 3.0, overlapping)

@@ -8,10 +8,11 @@
  * 0x7E00). Never build this with -ffast-math: kernels/cpu_ext.py checks the library's bits
  * against the reference when it loads it, and refuses a library that differs.
  *
- * Layout: the rows of one row of blocks of the output, out[r, b, i] for r < rows, b < s
- * (the input repeat), i < I, contiguous; the element's global output index is
- * start + r * (s * I) + b * I + i. The source row r, of the output's dtype, is read and divided
- * by the input repeat here (in float32, as torch divides it).
+ * Layout: rows of the output, out[a, r, b, i] for a < out_repeat (the rows of blocks, block_stride
+ * elements apart), r < rows, b < s (the input repeat), i < I, contiguous within a row of blocks;
+ * the element's global output index is start + a * block_stride + r * (s * I) + b * I + i. The
+ * source row r, of the output's dtype, is read once and divided by the input repeat here (in
+ * float32, as torch divides it).
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -119,13 +120,16 @@ static void load_row(const void *src, int kind, int64_t n, float divisor, float 
 
 /* Returns 0, or -1 for bad arguments / no memory (nothing written then).
  * src: the source rows, `src_row_stride` elements apart (each row contiguous), of the output's
- * kind; divisor: what a source row is divided by (1: not divided). */
+ * kind; divisor: what a source row is divided by (1: not divided). Each source row is read
+ * once for the `out_repeat` rows of blocks it feeds: block row a of output row r starts at
+ * element r * s * I + a * block_stride of `out`, global output index start + the same. */
 int growkit_hyperclone_noise_rows(const void *src, int64_t src_row_stride, float divisor, int64_t rows, int64_t I,
-                                  int64_t s, int mode, int64_t start, uint32_t k0, uint32_t k1, float noise_div,
-                                  void *out, int out_kind) {
+                                  int64_t s, int mode, int64_t start, int64_t out_repeat, int64_t block_stride,
+                                  uint32_t k0, uint32_t k1, float noise_div, void *out, int out_kind) {
     if (rows < 0 || I < 1 || s < 1 || start < 0 || mode < 0 || mode > 2 || out_kind < 0 || out_kind > 2) return -1;
     if (out_kind == OUT_F16 && !HAVE_F16) return -1;
     if (mode == MODE_PAIR && s != 2) return -1;
+    if (out_repeat < 1 || (out_repeat > 1 && block_stride < rows * s * I)) return -1;
     int64_t row_len = s * I;
     int64_t draws = mode == MODE_PAIR ? I : row_len; /* elements of a row with a draw of their own */
     size_t esize = out_kind == OUT_F32 ? 4 : 2;
@@ -140,29 +144,31 @@ int growkit_hyperclone_noise_rows(const void *src, int64_t src_row_stride, float
     }
     for (int64_t r = 0; r < rows; r++) {
         load_row((const char *)src + (size_t)(r * src_row_stride) * esize, out_kind, I, divisor, wr);
-        uint64_t g = (uint64_t)start + (uint64_t)(r * row_len);
-        draw_bytes(g, draws, k0, k1, h, u);
-        if (mode == MODE_PAIR) {
-            for (int64_t i = 0; i < I; i++) {
-                float n = (float)(2 * (int32_t)u[i] - 255) / noise_div;
-                y[i] = wr[i] + n;
-                y[I + i] = wr[i] - n; /* == wr + (-c) / noise_div, exactly */
-            }
-        } else if (mode == MODE_INDEPENDENT) {
-            for (int64_t b = 0; b < s; b++)
-                for (int64_t i = 0; i < I; i++)
-                    y[b * I + i] = wr[i] + (float)(2 * (int32_t)u[b * I + i] - 255) / noise_div;
-        } else {
-            for (int64_t i = 0; i < I; i++) c[i] = 0;
-            for (int64_t b = 0; b < s; b++)
-                for (int64_t i = 0; i < I; i++) c[i] += 2 * (int64_t)u[b * I + i] - 255; /* the sum */
-            for (int64_t b = 0; b < s; b++)
+        for (int64_t a = 0; a < out_repeat; a++) {
+            int64_t offset = r * row_len + a * block_stride;
+            draw_bytes((uint64_t)start + (uint64_t)offset, draws, k0, k1, h, u);
+            if (mode == MODE_PAIR) {
                 for (int64_t i = 0; i < I; i++) {
-                    int64_t cb = s * (2 * (int64_t)u[b * I + i] - 255) - c[i];
-                    y[b * I + i] = wr[i] + (float)cb / noise_div;
+                    float n = (float)(2 * (int32_t)u[i] - 255) / noise_div;
+                    y[i] = wr[i] + n;
+                    y[I + i] = wr[i] - n; /* == wr + (-c) / noise_div, exactly */
                 }
+            } else if (mode == MODE_INDEPENDENT) {
+                for (int64_t b = 0; b < s; b++)
+                    for (int64_t i = 0; i < I; i++)
+                        y[b * I + i] = wr[i] + (float)(2 * (int32_t)u[b * I + i] - 255) / noise_div;
+            } else {
+                for (int64_t i = 0; i < I; i++) c[i] = 0;
+                for (int64_t b = 0; b < s; b++)
+                    for (int64_t i = 0; i < I; i++) c[i] += 2 * (int64_t)u[b * I + i] - 255; /* the sum */
+                for (int64_t b = 0; b < s; b++)
+                    for (int64_t i = 0; i < I; i++) {
+                        int64_t cb = s * (2 * (int64_t)u[b * I + i] - 255) - c[i];
+                        y[b * I + i] = wr[i] + (float)cb / noise_div;
+                    }
+            }
+            store(y, row_len, (char *)out + (size_t)offset * esize, out_kind);
         }
-        store(y, row_len, (char *)out + (size_t)(r * row_len) * esize, out_kind);
     }
     free(h); free(u); free(y); free(c); free(wr);
     return 0;
