@@ -506,7 +506,8 @@ class Transformer(nn.Module):
         return logits
 
     def loss(
-        self, input_ids: torch.Tensor, targets: torch.Tensor, include_aux: bool = True
+        self, input_ids: torch.Tensor, targets: torch.Tensor, include_aux: bool = True,
+        forward: nn.Module | None = None,
     ) -> torch.Tensor:
         """Cross entropy plus, for MoE models, ``aux_loss_coef * aux_loss()``.
 
@@ -514,11 +515,14 @@ class Transformer(nn.Module):
             input_ids: [B, T].
             targets: [B, T], already shifted (see :func:`causal_lm_loss`).
             include_aux: Add the weighted load-balancing loss (no-op for dense models).
+            forward: a wrapper of this model to compute the logits through (e.g.
+                ``DistributedDataParallel``, whose forward arms the gradient sync); None:
+                this model.
 
         Returns:
             0-d float32 tensor.
         """
-        loss = causal_lm_loss(self(input_ids), targets)
+        loss = causal_lm_loss((self if forward is None else forward)(input_ids), targets)
         if include_aux and self.config.n_experts > 0 and self.config.aux_loss_coef != 0.0:
             loss = loss + self.config.aux_loss_coef * self.aux_loss()
         return loss

@@ -61,12 +61,12 @@ from .checkpoint import (
     capture_rng,
     checkpoint_name,
     finish_checkpoint,
-    load_optimizer,
+    is_sharded_checkpoint,
     prune_checkpoints,
     _save_tensors,
 )
 from .config import TrainConfig
-from .trainer import Trainer, _rehome_, make_optimizer
+from .trainer import Trainer, load_whole_checkpoint, make_optimizer
 
 __all__ = ["launched", "DistContext", "SingleProcess", "context_from_env", "DistributedTrainer",
            "save_sharded_checkpoint", "load_sharded_whole", "NullMetrics"]
@@ -461,7 +461,7 @@ def load_sharded_whole(ckpt: Path, device: torch.device, cfg: TrainConfig):
 class DistributedTrainer(Trainer):
     """:class:`~growkit.train.trainer.Trainer` on every rank of a torchrun job (see the
     module docstring). ``self.model`` is the ``Transformer`` (FSDP2-sharded, or the module
-    DDP wraps); ``self._ddp`` the DDP wrapper or None."""
+    DDP wraps); ``self.wrapper`` the DDP wrapper or None."""
 
     def __init__(self, cfg: TrainConfig, run_dir: Path, dataset, tokenizer, data_description: str,
                  resume: bool, resume_from=None, *, ctx: DistContext) -> None:
@@ -469,7 +469,6 @@ class DistributedTrainer(Trainer):
         self.ctx = ctx
         self.is_main = ctx.is_main
         self.device = ctx.device
-        self._ddp = None
         self.last_check_ranks: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------ building, loading
@@ -479,7 +478,7 @@ class DistributedTrainer(Trainer):
         shard of every moment."""
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-        model, self._ddp = shard_(model, self.cfg.parallel, self.device)
+        model, self.wrapper = shard_(model, self.cfg.parallel, self.device)
         optimizer = make_optimizer(model, self.cfg, lr)
         if optimizer_state:
             osd = {"state": {n: dict(st) for n, st in optimizer_state.items()},
@@ -489,19 +488,14 @@ class DistributedTrainer(Trainer):
         return model, optimizer
 
     def _load_checkpoint(self, ckpt, state):
-        from growkit.models import load_model
         from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
         import torch.distributed.checkpoint as dcp
 
         lr = self.cfg.phase(state["phase"]).lr
-        if not (Path(ckpt) / DCP_DIR).is_dir():
+        if not is_sharded_checkpoint(ckpt):
             # a single-process checkpoint: every rank reads it whole, then shards it
-            model = load_model(ckpt, device=self.device)
-            _rehome_(model.parameters())
-            plain = make_optimizer(model, self.cfg, lr)
-            load_optimizer(plain, model, ckpt)
-            named = {n: {k: (v.clone() if torch.is_tensor(v) else v) for k, v in plain.state[p].items()}
-                     for n, p in model.named_parameters() if plain.state.get(p)}
+            model, plain = load_whole_checkpoint(ckpt, self.device, self.cfg, lr)
+            named = {n: dict(plain.state[p]) for n, p in model.named_parameters() if plain.state.get(p)}
             return self._install(model, named, lr)
         model = Transformer(_read_model_config(ckpt)).to(self.device)
         model, optimizer = self._install(model, None, lr)
@@ -524,7 +518,7 @@ class DistributedTrainer(Trainer):
 
     def _start_monitor(self, model, phase):
         # DDP: the monitor reads the wrapper (it unwraps it and hooks the module's routers)
-        super()._start_monitor(self._ddp if self._ddp is not None else model, phase)
+        super()._start_monitor(self.wrapper if self.wrapper is not None else model, phase)
 
     # ------------------------------------------------------------------ data and steps
     def _rows(self, n: int) -> tuple[int, int]:
@@ -534,35 +528,6 @@ class DistributedTrainer(Trainer):
         x, y = self.ds.get_batch("train", batch_size, seq_len, self.batch_gen)
         a, b = self._rows(batch_size)
         return x[a:b].to(self.device), y[a:b].to(self.device)
-
-    def _train_step(self, x, y, lr):
-        """Trainer._train_step with the forward through DDP's wrapper (so gradients sync)
-        and the gradient norm as a plain tensor (FSDP2's is a replicated DTensor)."""
-        from growkit.models.transformer import causal_lm_loss
-
-        model, opt = self.model, self.optimizer
-        for g in opt.param_groups:
-            g["lr"] = lr
-        coef = model.config.aux_loss_coef
-        with_aux = model.config.n_experts > 0 and coef != 0.0
-        with self._autocast():
-            if self._ddp is None:
-                loss = model.loss(x, y)
-            else:  # Transformer.loss, its forward through the wrapper
-                loss = causal_lm_loss(self._ddp(x), y)
-                if with_aux:
-                    loss = loss + coef * model.aux_loss()
-        aux = model.aux_loss().detach() if with_aux else None
-        ce = loss.detach() if aux is None else loss.detach().double() - coef * aux.double()
-        loss.backward()
-        grad_norm = None
-        if self.cfg.grad_clip > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), self.cfg.grad_clip)
-            full = getattr(grad_norm, "full_tensor", None)
-            grad_norm = full() if callable(full) else grad_norm
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.detach(), ce, aux, grad_norm
 
     def _logged(self, loss, ce, aux):
         vals = self.ctx.all_reduce_sum([float(loss), float(ce), 0.0 if aux is None else float(aux)])

@@ -136,6 +136,19 @@ def _rehome_(params) -> None:
 # Trainer
 # ---------------------------------------------------------------------------
 
+def load_whole_checkpoint(ckpt: Path, device, cfg: TrainConfig, lr: float) -> tuple[Transformer, torch.optim.AdamW]:
+    """The model and AdamW of a single-process (safetensors) checkpoint, whole, on ``device``."""
+    model = load_model(ckpt, device=device)
+    _rehome_(model.parameters())
+    optimizer = make_optimizer(model, cfg, lr)
+    load_optimizer(optimizer, model, ckpt)
+    for st in optimizer.state.values():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                st[k] = v.clone()
+    return model, optimizer
+
+
 class Trainer:
     """Runs (or resumes) one three-phase run in ``run_dir``.
 
@@ -168,6 +181,7 @@ class Trainer:
         self._t0 = time.perf_counter()
         self._elapsed_before = 0.0
         self.is_main = True  # the process that prints and writes files (rank 0 under torchrun)
+        self.wrapper = None  # what the training forward runs through: a DDP wrapper, or the model
 
     # ------------------------------------------------------------------ setup
 
@@ -275,15 +289,7 @@ class Trainer:
 
             model, opt_state = load_sharded_whole(ckpt, self.device, cfg)
             return self._install(model, opt_state, cfg.phase(state["phase"]).lr)
-        model = load_model(ckpt, device=self.device)
-        _rehome_(model.parameters())
-        optimizer = make_optimizer(model, cfg, cfg.phase(state["phase"]).lr)
-        load_optimizer(optimizer, model, ckpt)
-        for st in optimizer.state.values():
-            for k, v in st.items():
-                if torch.is_tensor(v):
-                    st[k] = v.clone()
-        return model, optimizer
+        return load_whole_checkpoint(ckpt, self.device, cfg, cfg.phase(state["phase"]).lr)
 
     def _open_metrics(self, keep: int | None):
         """(hook) ``metrics.jsonl``; ``keep``: the records a resumed run keeps."""
@@ -386,7 +392,7 @@ class Trainer:
         for g in opt.param_groups:
             g["lr"] = lr
         with self._autocast():
-            loss = model.loss(x, y)
+            loss = model.loss(x, y, forward=self.wrapper)
         coef = model.config.aux_loss_coef
         aux = model.aux_loss().detach() if model.config.n_experts > 0 and coef != 0.0 else None
         ce = loss.detach() if aux is None else loss.detach().double() - coef * aux.double()
@@ -394,6 +400,8 @@ class Trainer:
         grad_norm = None
         if self.cfg.grad_clip > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), self.cfg.grad_clip)
+            full = getattr(grad_norm, "full_tensor", None)  # FSDP2's norm is a replicated DTensor
+            grad_norm = full() if callable(full) else grad_norm
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss.detach(), ce, aux, grad_norm
