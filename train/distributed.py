@@ -59,7 +59,6 @@ from .checkpoint import (
     DCP_DIR,
     atomic_write_json,
     capture_rng,
-    checkpoint_name,
     finish_checkpoint,
     is_sharded_checkpoint,
     prune_checkpoints,
@@ -569,11 +568,8 @@ class DistributedTrainer(Trainer):
         whole = Transformer(self.model.config).to(self.device)
         whole.load_state_dict(weights)
         _copy_records(self.model, whole)
-        optimizer = make_optimizer(whole, self.cfg, self.optimizer.param_groups[0]["lr"])
-        params = dict(whole.named_parameters())
-        for n, st in state.items():
-            optimizer.state[params[n]] = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in st.items()}
-        return whole, optimizer
+        state = {n: {k: (v.clone() if torch.is_tensor(v) else v) for k, v in st.items()} for n, st in state.items()}
+        return Trainer._install(self, whole, state, self.optimizer.param_groups[0]["lr"])  # whole: not sharded
 
     def _reshard(self, model, optimizer):
         named = {n: dict(optimizer.state[p]) for n, p in model.named_parameters() if optimizer.state.get(p)}
@@ -615,18 +611,10 @@ class DistributedTrainer(Trainer):
         return verdict, combined, "\n".join(x for x in lines if x), short_text
 
     # ------------------------------------------------------------------ files
-    def checkpoint(self, phase_end: bool) -> Path:
-        s = self.state
-        self.metrics.sync()
-        if self.is_main:
-            s["metrics_records"] = len(self.metrics)
-        s["elapsed_s"] = self._elapsed()
-        s["model_config"] = self.model.config.to_dict()
-        s["train_config"] = self.cfg.to_dict()
-        s["world_size"], s["parallel"] = self.ctx.world, self.cfg.parallel
-        name = checkpoint_name(s["global_step"], s["phase"] if phase_end else None)
+    def _save_checkpoint(self, name, state):
+        state["world_size"], state["parallel"] = self.ctx.world, self.cfg.parallel
         path = save_sharded_checkpoint(self.ctx, self.run_dir, name, self.model, self.optimizer,
-                                       self.batch_gen, s)
+                                       self.batch_gen, state)
         if self.is_main:
             prune_checkpoints(self.run_dir, self.cfg.keep_checkpoints)
         self.ctx.barrier()

@@ -370,12 +370,16 @@ class Trainer:
     def checkpoint(self, phase_end: bool) -> Path:
         s = self.state
         self.metrics.sync()
-        s["metrics_records"] = len(self.metrics)
+        if self.is_main:  # the process whose metrics.jsonl the checkpoint counts
+            s["metrics_records"] = len(self.metrics)
         s["elapsed_s"] = self._elapsed()
         s["model_config"] = self.model.config.to_dict()
         s["train_config"] = self.cfg.to_dict()
-        name = checkpoint_name(s["global_step"], s["phase"] if phase_end else None)
-        path = save_checkpoint(self.run_dir, name, self.model, self.optimizer, self.batch_gen, s)
+        return self._save_checkpoint(checkpoint_name(s["global_step"], s["phase"] if phase_end else None), s)
+
+    def _save_checkpoint(self, name: str, state: dict[str, Any]) -> Path:
+        """(hook) Writes checkpoint ``name`` with ``state`` and prunes the older ones."""
+        path = save_checkpoint(self.run_dir, name, self.model, self.optimizer, self.batch_gen, state)
         prune_checkpoints(self.run_dir, self.cfg.keep_checkpoints)
         return path
 
