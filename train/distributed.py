@@ -534,23 +534,14 @@ class DistributedTrainer(Trainer):
         return (torch.tensor(vals[0] / W), torch.tensor(vals[1] / W),
                 None if aux is None else torch.tensor(vals[2] / W))
 
-    @torch.no_grad()
-    def evaluate(self, model=None) -> float:
-        """The validation loss over every rank's rows of the val windows (all-reduced: the
-        same float on every rank). A rank without rows of a (short, last) batch still runs
-        the forward (FSDP2 gathers weights in it) on one row, and counts nothing."""
-        model = self.model if model is None else model
-        was_training = model.training
-        model.eval()
-        total, count = 0.0, 0
-        for x, y in self._val_batches():
-            a, b = self._rows(x.shape[0])
-            xs, ys, w = (x[a:b], y[a:b], 1) if b > a else (x[:1], y[:1], 0)
-            with self._autocast():
-                loss = model.loss(xs, ys, include_aux=False)
-            total += w * float(loss) * ys.numel()
-            count += w * ys.numel()
-        model.train(was_training)
+    def _val_share(self, x, y):
+        """This rank's rows of a validation batch; a rank without rows of a (short, last)
+        batch still runs the forward (FSDP2 gathers weights in it) on one row, weight 0."""
+        a, b = self._rows(x.shape[0])
+        return (x[a:b], y[a:b], 1) if b > a else (x[:1], y[:1], 0)
+
+    def _val_mean(self, model, total, count):
+        """The validation loss over every rank's rows (all-reduced: the same float on every rank)."""
         # NOTE: FSDP2 leaves the root's parameters (embedding, final norm, LM head) unsharded
         # after a forward, for the backward that follows in training; with no backward they
         # stay so, and the optimizer's (sharded) parameters are no longer the module's:

@@ -312,11 +312,21 @@ class Trainer:
         model.eval()
         total, count = 0.0, 0
         for x, y in self._val_batches():
+            x, y, weight = self._val_share(x, y)
             with self._autocast():
                 loss = model.loss(x, y, include_aux=False)
-            total += float(loss) * y.numel()
-            count += y.numel()
+            total += weight * float(loss) * y.numel()
+            count += weight * y.numel()
         model.train(was_training)
+        return self._val_mean(model, total, count)
+
+    def _val_share(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(hook) The rows of a validation batch this process evaluates, and their weight
+        (0: run the forward, count nothing): all of them, weight 1."""
+        return x, y, 1
+
+    def _val_mean(self, model: torch.nn.Module, total: float, count: int) -> float:
+        """(hook) The validation loss from this process's loss sum and token count."""
         return total / count
 
     def _evaluate_and_log(self) -> float:
