@@ -47,22 +47,6 @@ def _exact(records):
 # ----------------------------------------------------------------------------------------
 # the worker (each rank)
 # ----------------------------------------------------------------------------------------
-class _Patches:
-    """monkeypatch for the worker: setattr now, undo() after the scenario."""
-
-    def __init__(self):
-        self.undo_list = []
-
-    def setattr(self, obj, name, value):
-        self.undo_list.append((obj, name, getattr(obj, name)))
-        setattr(obj, name, value)
-
-    def undo(self):
-        for obj, name, value in reversed(self.undo_list):
-            setattr(obj, name, value)
-        self.undo_list.clear()
-
-
 def _record_grown(patches, out: Path, tag: str, rank: int):
     """Writes the whole grown model of each growth (before it is sharded) to a file."""
     from safetensors.torch import save_file
@@ -127,7 +111,7 @@ def scenario_fsdp(out: Path, rank: int) -> dict:
     step 12, mid phase 3: the grown model loaded), resumed to the end."""
     from growkit.train import pipeline
 
-    p, logs, states = _Patches(), [], []
+    p, logs, states = pytest.MonkeyPatch(), [], []
     _record_grown(p, out, "fsdp", rank)
     _count_metrics_logs(p, logs)
     _capture_states(p, states)
@@ -157,7 +141,7 @@ def scenario_fsdp(out: Path, rank: int) -> dict:
 def scenario_ddp(out: Path, rank: int) -> dict:
     from growkit.train import pipeline
 
-    p, states = _Patches(), []
+    p, states = pytest.MonkeyPatch(), []
     _record_grown(p, out, "ddp", rank)
     _capture_states(p, states)
     try:
@@ -172,7 +156,7 @@ def scenario_corrupt_one_rank(out: Path, rank: int) -> dict:
     import growkit.growth as growth
     from growkit.train import pipeline
 
-    p, states = _Patches(), []
+    p, states = pytest.MonkeyPatch(), []
     _capture_states(p, states)
     if rank == 1:
         real = growth.upcycle_to_moe
@@ -196,7 +180,7 @@ def scenario_check_fails_on_one_rank(out: Path, rank: int) -> dict:
     from growkit.train import pipeline
     from growkit.train.trainer import Trainer
 
-    p, states = _Patches(), []
+    p, states = pytest.MonkeyPatch(), []
     _capture_states(p, states)
     if rank == 1:
         real = Trainer._run_check
