@@ -76,7 +76,7 @@ from growkit.checkpoint_cli import GrowArgs  # noqa: E402
 from growkit.growth.adapters import PART, get_family_adapter  # noqa: E402
 from growkit.growth.plan import TensorSpec  # noqa: E402
 from growkit.growth.roles import Role  # noqa: E402
-from growkit.growth.stream import output_tensors  # noqa: E402
+from growkit.growth.stream import output_tensors, source_getter  # noqa: E402
 from growkit.growth.width import check_width_args, plan_width  # noqa: E402
 from growkit.kernels.backend import HAS_TRITON, interpreter_enabled, use_triton  # noqa: E402
 
@@ -251,19 +251,9 @@ def held_of(index: dict, name: str) -> str:
     raise KeyError(name)
 
 
-def make_getter(s: Setup, srcs: dict[str, torch.Tensor]):
-    def get(name: str) -> torch.Tensor:
-        if name in srcs:
-            return srcs[name]
-        real = PART.match(name).group(1)  # a part of a fused tensor held whole
-        return s.adapter.split(s.cfg, {real: srcs[real]})[name]
-
-    return get
-
-
 def grow_one(s: Setup, o, srcs: dict[str, torch.Tensor]) -> torch.Tensor:
     """Output tensor ``o`` made by growkit's plan from ``srcs`` (on their device)."""
-    get = make_getter(s, srcs)
+    get = source_getter(s.adapter, s.cfg, srcs.__getitem__, srcs)
     if len(o.parts) == 1:
         return s.plan.make(o.parts[0], get)
     return torch.cat([s.plan.make(p, get) for p in o.parts], dim=o.dim)

@@ -527,6 +527,19 @@ def _need(reader: CheckpointReader, plans: list[GrowthPlan], o: OutputTensor) ->
     return o.spec.nbytes * copies + sum(reader.specs[s].nbytes for s in sources if s in reader.specs)
 
 
+def source_getter(adapter, config, load_held, held_names):
+    """``get(name)``: the source tensor a plan input names, read by ``load_held(held name)``:
+    a tensor held as it is (``name`` in ``held_names``), or a part of a fused one held whole
+    (``<fused>::<part>``), split off by the family adapter."""
+    def get(name: str) -> torch.Tensor:
+        if name in held_names:
+            return load_held(name)
+        real = PART.match(name).group(1)  # a part of a fused tensor held whole
+        return adapter.split(config, {real: load_held(real)})[name]
+
+    return get
+
+
 def _original_inputs(plans: list[GrowthPlan], o: OutputTensor) -> set[str]:
     names = set(o.inputs)
     for plan in reversed(plans[:-1]):
@@ -589,12 +602,7 @@ def grow_checkpoint(
         if dry_run:
             return plans, outputs, est, 0.0
 
-        def get(name: str) -> torch.Tensor:
-            if name in index:
-                return reader.load_held(index[name])
-            real = PART.match(name).group(1)  # a part of a fused tensor held whole
-            return adapter.split(reader.config, {real: reader.load_held(index[real])})[name]
-
+        get = source_getter(adapter, reader.config, lambda held: reader.load_held(index[held]), index)
         last = plans[-1]
         getter = chain(get, plans)
         dst.parent.mkdir(parents=True, exist_ok=True)
