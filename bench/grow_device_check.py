@@ -29,7 +29,7 @@ def main(argv=None) -> int:
     from growkit.cli import main as growkit
 
     with tempfile.TemporaryDirectory(prefix="growkit-device-check-") as tmp:
-        src, out = Path(tmp) / "src", {}
+        src, grown = Path(tmp) / "src", []
         torch.manual_seed(0)
         cfg = LlamaConfig(hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_attention_heads=4,
                           num_key_value_heads=2, vocab_size=1000, tie_word_embeddings=False)
@@ -40,7 +40,7 @@ def main(argv=None) -> int:
                     p.copy_(1 + 0.1 * torch.randn_like(p))
         model.save_pretrained(src, max_shard_size="400KB")
         for device in ("cpu", args.device):
-            dst = Path(tmp) / f"dst-{device}-{len(out)}"
+            dst = Path(tmp) / f"dst-{device}-{len(grown)}"
             rc = growkit(["grow", str(src), str(dst), "--width", "2", "--depth", "1", "--moe", "4", "--top-k", "2",
                           "--device", device, "--no-progress"])
             if rc != 0:
@@ -50,8 +50,8 @@ def main(argv=None) -> int:
             for f in sorted(dst.glob("*.safetensors")):
                 with safe_open(str(f), "pt") as sf:
                     tensors.update({k: sf.get_tensor(k) for k in sf.keys()})
-            out[len(out)] = tensors
-        a, b = out[0], out[1]
+            grown.append(tensors)
+        a, b = grown
         bad = [k for k in a if k not in b or a[k].shape != b[k].shape
                or not torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8))]
         bad += [k for k in b if k not in a]
