@@ -19,6 +19,14 @@ spends):
 (c) ``source``: the phase-1 dense model trained on without growth, at the phase-1 peak
     rate, warmup + schedule over its whole run.
 
+``--variant NAME:FIELD=VALUE,...`` adds other growth recipes to arm (a), each run with
+every seed against the same (b) and (c): when to grow (``phase1.steps``), the learning
+rate and warmup after growth (``phase3.lr``, ``phase3.warmup_frac``), ``noise_std``,
+``reset_optimizer``, the growth factors... Phase 3 of a variant gets as many steps as
+spend the default pipeline's FLOPs, so every arm still has the same budget. A recipe
+*pays* (issue 10's goal) when it reaches (b)'s final loss with at most half of (b)'s FLOPs
+and ends below (c).
+
 Each arm runs with every seed (``--seeds``, at least 2; the seed sets the init, the data
 split and the batches, shared by the arms of that seed). The report gives each arm's
 final validation loss (mean, standard deviation, min, max over seeds), the FLOPs at which
@@ -52,6 +60,7 @@ from common import RESULTS_DIR, atomic_write_text, device_label  # noqa: E402
 
 from growkit.models import ModelConfig, Transformer  # noqa: E402
 from growkit.train.config import (  # noqa: E402
+    PHASES,
     PRESETS,
     TrainConfig,
     legacy_to_nested,
@@ -104,6 +113,61 @@ def stats(values: list[float]) -> dict[str, Any]:
 
 def mean_or_none(values: list[float | None]) -> float | None:
     return None if not values or any(v is None for v in values) else statistics.fmean(values)
+
+
+#: Fields a --variant may not change: they define the data, the batches and the validation
+#: windows that arms (b) and (c) share with the default pipeline.
+SHARED_FIELDS = ("data", "val_data", "max_stories", "val_fraction", "tokenizer",
+                 "bpe_vocab_size", "batch_size", "seq_len", "eval_batches", "seed", "device",
+                 "dtype")
+
+
+def phase_step_flops(cfg: TrainConfig, vocab_size: int) -> dict[int, float]:
+    """Training FLOPs of one step of each phase (the pipeline's own count)."""
+    tokens = cfg.batch_size * cfg.seq_len
+    return {p: training_flops_per_token(cfg.model_config(vocab_size, phase=p), cfg.seq_len) * tokens
+            for p in (1, 2, 3)}
+
+
+def fill_budget(cfg: TrainConfig, vocab_size: int, budget: float) -> TrainConfig:
+    """``cfg`` with as many phase-3 steps as bring its training FLOPs nearest ``budget``.
+
+    Raises:
+        ValueError: If phases 1 and 2 alone leave less than one phase-3 step.
+    """
+    f = phase_step_flops(cfg, vocab_size)
+    left = budget - cfg.phase1.steps * f[1] - cfg.phase2.steps * f[2]
+    steps3 = round(left / f[3])
+    if steps3 < 1:
+        raise ValueError(f"phases 1 and 2 ({cfg.phase1.steps} and {cfg.phase2.steps} steps) "
+                         f"spend {budget - left:.3g} of the {budget:.3g} FLOPs budget, leaving no "
+                         "phase-3 step: give them fewer steps")
+    return TrainConfig.from_dict({"phase3": {"steps": steps3}}, base=cfg)
+
+
+def parse_variant(text: str, base: TrainConfig) -> tuple[str, list[str], TrainConfig]:
+    """``NAME:FIELD=VALUE[,FIELD=VALUE...]`` -> (name, the items, ``base`` changed).
+
+    Raises:
+        ValueError: A missing name or item, a bad field or value (the pipeline's own
+            message), or a field of :data:`SHARED_FIELDS`.
+    """
+    name, sep, rest = text.partition(":")
+    name = name.strip()
+    items = [i.strip() for i in rest.split(",") if i.strip()]
+    if not sep or not name or not items or not name.replace("-", "").replace("_", "").isalnum():
+        raise ValueError(f"--variant {text!r}: write NAME:FIELD=VALUE[,FIELD=VALUE...] with a "
+                         "plain name, e.g. late:phase1.steps=3000,phase3.lr=1e-3")
+    flags: list[str] = []
+    for item in items:
+        key, eq, value = item.partition("=")
+        flags += [f"--{key.strip()}", value.strip()] if eq else [f"--{key.strip()}"]
+    cfg = parse_args(legacy_to_nested(flags), base, prog=f"--variant {name}").cfg
+    changed = [k for k in SHARED_FIELDS if getattr(cfg, k) != getattr(base, k)]
+    if changed:
+        raise ValueError(f"--variant {name}: {changed} must stay as in the default pipeline "
+                         "(arms (b) and (c) share its data, batches and validation windows)")
+    return name, items, cfg
 
 
 # ---------------------------------------------------------------------------
@@ -170,6 +234,38 @@ def train_arm(ds, cfg: TrainConfig, model_cfg: ModelConfig, lr: float, budget: f
             "final_val_loss": curve[-1][1], "wall_s": wall}
 
 
+def run_pipeline(cfg: TrainConfig, label: str) -> tuple[dict, dict]:
+    """Runs the pipeline with ``cfg``; (its record for the report, its summary.json)."""
+    print(f"\n=== seed {cfg.seed}: {label} ===", flush=True)
+    code = run(cfg)
+    if code != 0:
+        raise SystemExit(f"{label} (seed {cfg.seed}) failed with exit status {code}")
+    run_dir = Path(cfg.run_dir)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    records = read_metrics(run_dir / "metrics.jsonl")
+    curve = [(r["flops"], r["val_loss"]) for r in records if r["kind"] == "eval"]
+    spikes = post_growth_spikes(records, {ph: cfg.phase(ph).steps for ph in (1, 2, 3)})
+    return {"seed": cfg.seed, "curve": curve, "final_val_loss": curve[-1][1],
+            "flops": summary["flops"],
+            "phase_steps": [cfg.phase(ph).steps for ph in (1, 2, 3)],
+            "phase_final_val_loss": {k: v["final_val_loss"]
+                                     for k, v in summary["phases"].items()},
+            "post_growth_spike": {k: v["post_growth_spike"] for k, v in spikes.items()},
+            "growth_flops": [r["flops"] for r in records if r["kind"] == "growth"],
+            "checks_passed": summary["checks_passed"],
+            "wall_s": summary["wall_time_s"]}, summary
+
+
+def pipeline_arm(runs: list[dict]) -> dict:
+    return {"runs": runs,
+            "final_val_loss": stats([r["final_val_loss"] for r in runs]),
+            "budget_flops": statistics.fmean(r["flops"] for r in runs),
+            "phase_steps": runs[0]["phase_steps"],
+            "growth_flops": runs[0]["growth_flops"],
+            "post_growth_spike": {k: stats([r["post_growth_spike"][k] for r in runs])
+                                  for k in runs[0]["post_growth_spike"]}}
+
+
 # ---------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------
@@ -207,6 +303,11 @@ def plot(result: dict, path: Path) -> bool:
         ax.plot(xs, mean, color=color, lw=1.6, label=f"{label}; n={len(curves)}")
         ax.fill_between(xs, lo, hi, color=color, alpha=0.2, lw=0)
         tops += [m for x, m in zip(xs, mean) if x >= 0.1 * result["budget_flops"]][:1]
+    palette = ["#ee7733", "#aa3377", "#bbbb00", "#332288", "#882255", "#44aa99"]
+    for i, (name, arm) in enumerate(result.get("variants", {}).items()):
+        xs, mean, _, _ = _mean_curve([r["curve"] for r in arm["runs"]])
+        ax.plot(xs, mean, color=palette[i % len(palette)], lw=1.1,
+                label=f"(a) variant {name}: {textwrap.shorten(', '.join(arm['items']), 60)}")
     for lr, entry in arms["scratch"]["sweep"].items():
         if lr != str(best):
             xs, mean, _, _ = _mean_curve([r["curve"] for r in entry["runs"]])
@@ -248,6 +349,14 @@ def main(argv=None) -> dict:
                    help="override a TrainConfig field of the pipeline, as the pipeline's "
                         "flag --FIELD VALUE (phase1.steps=100, d-model=96; FIELD alone: a "
                         "switch such as reset-optimizer or no-plot; repeatable)")
+    p.add_argument("--variant", action="append", default=[],
+                   metavar="NAME:FIELD=VALUE[,FIELD=VALUE...]",
+                   help="another growth recipe, run with every seed against the same arms (b) "
+                        "and (c): the pipeline's config with these fields changed (as --set), "
+                        "phase 3 then given the steps that spend the default pipeline's FLOPs "
+                        "(e.g. late:phase1.steps=3000,phase3.lr=1e-3; repeatable)")
+    p.add_argument("--name", default="",
+                   help="suffix of the result files (growth_vs_scratch_<preset>_<data>_<name>)")
     p.add_argument("--n-evals", type=int, default=None,
                    help="evaluations of arms (b) and (c) (default 20, 10 with --quick)")
     p.add_argument("--out", default=None, help="parent of the pipeline runs (default: temp)")
@@ -287,31 +396,45 @@ def main(argv=None) -> dict:
     source_runs: list[dict] = []
     final_cfg = source_cfg = budget = device = None
     data_desc = ""
+    variants: dict[str, tuple[list[str], TrainConfig]] = {}
+    for text in args.variant:
+        try:
+            name, items, vcfg = parse_variant(text, base)
+        except (TypeError, ValueError) as e:
+            p.error(str(e))
+        if name in variants or name in ("pipeline", "scratch", "source"):
+            p.error(f"--variant {name}: the name is taken; give each variant its own")
+        # Before any training: the default pipeline's budget, counted as it counts it (the
+        # vocabulary of a BPE tokenizer may end smaller; fill_budget reruns with the real one).
+        vocab = 257 if base.tokenizer == "byte" else base.bpe_vocab_size
+        f = phase_step_flops(base, vocab)
+        try:
+            fill_budget(vcfg, vocab, sum(getattr(base, ph).steps * f[i + 1]
+                                         for i, ph in enumerate(PHASES)))
+        except ValueError as e:
+            p.error(f"--variant {name}: {e}")
+        variants[name] = (items, vcfg)
+    variant_runs: dict[str, list[dict]] = {name: [] for name in variants}
     for seed in args.seeds:
         cfg = TrainConfig.from_dict({"seed": seed, "out_dir": str(out_dir),
                                      "run_dir": str(out_dir / f"pipeline-seed{seed}")}, base=base)
-        print(f"\n=== seed {seed}: (a) pipeline ===")
-        code = run(cfg)
-        if code != 0:
-            raise SystemExit(f"pipeline (seed {seed}) failed with exit status {code}")
+        record, summary = run_pipeline(cfg, "(a) pipeline")
+        pipe_runs.append(record)
         run_dir = Path(cfg.run_dir)
-        summary = json.loads((run_dir / "summary.json").read_text())
-        records = read_metrics(run_dir / "metrics.jsonl")
-        curve = [(r["flops"], r["val_loss"]) for r in records if r["kind"] == "eval"]
-        spikes = post_growth_spikes(records, {ph: cfg.phase(ph).steps for ph in (1, 2, 3)})
-        pipe_runs.append({"seed": seed, "curve": curve, "final_val_loss": curve[-1][1],
-                          "phase_final_val_loss": {k: v["final_val_loss"]
-                                                   for k, v in summary["phases"].items()},
-                          "post_growth_spike": {k: v["post_growth_spike"]
-                                                for k, v in spikes.items()},
-                          "growth_flops": [r["flops"] for r in records if r["kind"] == "growth"],
-                          "checks_passed": summary["checks_passed"],
-                          "wall_s": summary["wall_time_s"]})
         final_cfg = ModelConfig.from_dict(summary["phases"]["3"]["model_config"])
         source_cfg = ModelConfig.from_dict(summary["phases"]["1"]["model_config"])
         budget = summary["flops"]
         data_desc = summary["data"]
         device = torch.device(summary["device"])
+        for name, (items, vcfg) in variants.items():
+            try:
+                vcfg = fill_budget(vcfg, source_cfg.vocab_size, budget)
+            except ValueError as e:
+                raise SystemExit(f"--variant {name}: {e}") from None
+            vcfg = TrainConfig.from_dict({"seed": seed, "out_dir": str(out_dir),
+                                          "run_dir": str(out_dir / f"{name}-seed{seed}")},
+                                         base=vcfg)
+            variant_runs[name].append(run_pipeline(vcfg, f"(a) variant {name}")[0])
 
         ds, _, _ = prepare_data(cfg, tokenizer=load_tokenizer(run_dir), log=None)
         evaluate = Evaluator(ds, cfg, device)
@@ -331,12 +454,7 @@ def main(argv=None) -> dict:
     best_lr = min(lrs, key=lambda lr: sweep[str(lr)]["final_val_loss"]["mean"])
     best_runs = scratch[best_lr]
     arms = {
-        "pipeline": {"runs": pipe_runs,
-                     "final_val_loss": stats([r["final_val_loss"] for r in pipe_runs]),
-                     "growth_flops": pipe_runs[0]["growth_flops"],
-                     "post_growth_spike": {
-                         k: stats([r["post_growth_spike"][k] for r in pipe_runs])
-                         for k in pipe_runs[0]["post_growth_spike"]}},
+        "pipeline": pipeline_arm(pipe_runs),
         "scratch": {"best_lr": best_lr, "lrs": lrs, "sweep": sweep, "runs": best_runs,
                     # The best rate at an end of the sweep: widen it before trusting (b).
                     "best_lr_at_edge": best_lr in (lrs[0], lrs[-1]),
@@ -346,9 +464,11 @@ def main(argv=None) -> dict:
                    "final_val_loss": stats([r["final_val_loss"] for r in source_runs]),
                    "model_config": source_cfg.to_dict()},
     }
+    variant_arms = {name: {"items": items, **pipeline_arm(variant_runs[name])}
+                    for name, (items, _) in variants.items()}
     targets = {"scratch_final": arms["scratch"]["final_val_loss"]["mean"],
                "source_final": arms["source"]["final_val_loss"]["mean"]}
-    for name, arm in arms.items():
+    for name, arm in [*arms.items(), *variant_arms.items()]:
         arm["flops_to_target"] = {}
         for tname, target in targets.items():
             per_seed = [flops_to_reach(r["curve"], target) for r in arm["runs"]]
@@ -358,12 +478,19 @@ def main(argv=None) -> dict:
                 "seeds_reached": sum(v is not None for v in per_seed),
                 "mean": mean,  # None unless every seed reached the target
                 "fraction_of_budget": None if mean is None else mean / budget}
+    # Issue 10's goal for a growth recipe: (b)'s final loss with at most half of (b)'s
+    # FLOPs, and a final loss below (c)'s.
+    for arm in [arms["pipeline"], *variant_arms.values()]:
+        half = arm["flops_to_target"]["scratch_final"]["fraction_of_budget"]
+        arm["reaches_scratch_final_by_half_budget"] = half is not None and half <= 0.5
+        arm["below_source"] = arm["final_val_loss"]["mean"] < targets["source_final"]
+        arm["pays"] = arm["reaches_scratch_final_by_half_budget"] and arm["below_source"]
     result = {
         "preset": args.preset, "quick": args.quick, "seeds": args.seeds, "data": data_desc,
         "device": device_label(device), "budget_flops": budget,
         "config": base.to_dict(), "overrides": {k: str(v) for k, v in overrides.items()},
         "set": list(args.set),
-        "arms": arms, "targets": targets,
+        "arms": arms, "variants": variant_arms, "targets": targets,
         "scratch_below_source": targets["scratch_final"] < targets["source_final"],
         "pipeline_below_source": arms["pipeline"]["final_val_loss"]["mean"]
         < targets["source_final"],
@@ -380,7 +507,8 @@ def main(argv=None) -> dict:
     names = {"pipeline": "(a) pipeline (dense -> MoE -> grown)",
              "scratch": f"(b) final arch from scratch, lr {best_lr:g}",
              "source": "(c) phase-1 model trained on"}
-    for name, arm in arms.items():
+    names.update({name: f"(a) variant {name}" for name in variant_arms})
+    for name, arm in [*arms.items(), *variant_arms.items()]:
         f = arm["final_val_loss"]
         cells = []
         for tname in ("scratch_final", "source_final"):
@@ -398,16 +526,21 @@ def main(argv=None) -> dict:
     if arms["scratch"]["best_lr_at_edge"]:
         print(f"    note: (b)'s best rate {best_lr:g} is at an end of the sweep; widen "
               "--scratch-lrs before trusting arm (b)")
-    for k, sp in arms["pipeline"]["post_growth_spike"].items():
-        print(f"    post-growth spike into {k}: {100 * sp['mean']:+.2f}% "
-              f"(min {100 * sp['min']:+.2f}%, max {100 * sp['max']:+.2f}%)")
+    for name, arm in [("pipeline", arms["pipeline"]), *variant_arms.items()]:
+        spikes = "; ".join(f"into {k} {100 * sp['mean']:+.2f}% (max {100 * sp['max']:+.2f}%)"
+                           for k, sp in arm["post_growth_spike"].items())
+        print(f"    {names[name]}: phase steps {arm['phase_steps']}, post-growth spike {spikes}; "
+              f"pays (by half of (b)'s FLOPs, below (c)): {arm['pays']}")
+        if "items" in arm:
+            print(f"        {', '.join(arm['items'])}")
     print(f"(b) ends below (c): {result['scratch_below_source']} "
           f"({'growth can pay here' if result['scratch_below_source'] else 'below the crossover: the small model is the better use of this budget'})")
 
     data_tag = "embedded"
     if args.data and args.data != "embedded":
         data_tag = "hf" if args.data in ("hf", "roneneldan/TinyStories") else Path(args.data).stem
-    stem = f"growth_vs_scratch_{args.preset}{'_quick' if args.quick else ''}_{data_tag}"
+    stem = (f"growth_vs_scratch_{args.preset}{'_quick' if args.quick else ''}_{data_tag}"
+            f"{'_' + args.name if args.name else ''}")
     results_dir = Path(args.results_dir)
     atomic_write_text(results_dir / f"{stem}.json", json.dumps(result, indent=1) + "\n")
     drew = plot(result, results_dir / f"{stem}.png")

@@ -262,6 +262,11 @@ def test_full_run_produces_all_artifacts(reference_run):
     final = load_model(d / "final")
     assert final.config.d_model == 64 and final.config.n_layers == 3
     assert final.config.n_experts == 4
+    # TrainConfig.model_config predicts every phase's architecture (the arms trained from
+    # scratch in bench/ rely on it for phase 3).
+    cfg = TrainConfig.from_dict(json.loads((d / "config.json").read_text()))
+    for p, ph in summary["phases"].items():
+        assert cfg.model_config(final.config.vocab_size, phase=int(p)).to_dict() == ph["model_config"]
 
 
 def test_checkpoints_hold_no_pickle(reference_run):

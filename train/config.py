@@ -378,10 +378,15 @@ class TrainConfig:
 
     def model_config(self, vocab_size: int, phase: int = 1):
         """The phase-1 dense :class:`growkit.models.ModelConfig`; ``phase=2``: its shape
-        upcycled to ``n_experts`` experts (top ``top_k``), as the checks see it."""
+        upcycled to ``n_experts`` experts (top ``top_k``), as the checks see it;
+        ``phase=3``: that MoE grown as phase 3 grows it (``scale_factor`` times the width
+        and heads, head_dim kept, ``extra_layers`` more layers), for FLOPs and arms
+        trained from scratch without running the pipeline."""
         from growkit.models import ModelConfig
 
-        return ModelConfig(
+        if phase not in (1, 2, 3):
+            raise ValueError(f"phase must be 1, 2 or 3, got {phase!r}")
+        cfg = ModelConfig(
             vocab_size=int(vocab_size),
             d_model=self.d_model,
             n_layers=self.n_layers,
@@ -395,6 +400,12 @@ class TrainConfig:
             max_seq_len=self.seq_len,
             aux_loss_coef=self.aux_loss_coef,
         )
+        if phase < 3:
+            return cfg
+        s = self.scale_factor
+        return dataclasses.replace(cfg, d_model=s * cfg.d_model, n_heads=s * cfg.n_heads,
+                                   n_kv_heads=s * cfg.n_kv_heads, head_dim=cfg.head_dim,
+                                   d_ff=s * cfg.d_ff, n_layers=cfg.n_layers + self.extra_layers)
 
     # ------------------------------------------------------------------ I/O
 

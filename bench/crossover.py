@@ -1,0 +1,180 @@
+"""Where does the large model from scratch overtake the small one? The growth crossover.
+
+    python bench/crossover.py --preset tiny --budget 5e13            # ~25 min on 2 CPU cores
+    python bench/crossover.py --preset tiny --budget 2e12 --quick    # smoke test
+
+Growth can only pay at budgets where the pipeline's final architecture trained from
+scratch (arm (b) of ``bench/growth_vs_scratch.py``) ends below the phase-1 model simply
+trained on (arm (c)): below that budget the small model is the better use of the compute,
+and no growth recipe can beat it by more than it beats (b). This script finds that budget
+for a preset without running the pipeline: it trains (b) and (c) once each per seed for
+``--budget`` training FLOPs with a constant learning rate after the warmup
+(``--schedule constant``, the default), evaluates them ``--n-evals`` times on the same
+validation windows, and reports the first FLOPs from which (b)'s curve stays below (c)'s.
+
+A constant-rate curve is the envelope that any shorter run with a decaying schedule ends
+near (a decayed run ends a little lower, for both arms alike), so the crossover it gives
+is an estimate: confirm it with ``growth_vs_scratch.py`` at a budget past it, where each
+arm's schedule spans its whole run. Writes ``<results-dir>/crossover_<preset>_<device>.json``
+and a ``.png`` with both curves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS_DIR, atomic_write_text, device_label, device_slug  # noqa: E402
+from growth_vs_scratch import QUICK, Evaluator, train_arm  # noqa: E402
+
+from growkit.train.config import PRESETS, TrainConfig, preset_config  # noqa: E402
+from growkit.train.data import prepare_data  # noqa: E402
+
+
+def crossover(large: list[tuple[float, float]], small: list[tuple[float, float]]) -> float | None:
+    """First FLOPs from which ``large`` stays at or below ``small`` (both curves read at
+    ``large``'s evaluations, ``small`` linearly interpolated), interpolated between the
+    two evaluations around the last sign change; None if ``large`` ends above."""
+    def small_at(f: float) -> float:
+        for (f0, l0), (f1, l1) in zip(small, small[1:]):
+            if f0 <= f <= f1:
+                return l0 + (l1 - l0) * (f - f0) / (f1 - f0) if f1 > f0 else l1
+        return small[-1][1]
+
+    gaps = [(f, loss - small_at(f)) for f, loss in large if f <= small[-1][0]]
+    if not gaps or gaps[-1][1] > 0:
+        return None
+    i = len(gaps) - 1
+    while i > 0 and gaps[i - 1][1] <= 0:
+        i -= 1
+    if i == 0:
+        return gaps[0][0]
+    (f0, g0), (f1, g1) = gaps[i - 1], gaps[i]
+    return f0 + (f1 - f0) * g0 / (g0 - g1)
+
+
+def plot(result: dict, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for arm, color in (("scratch", "#0077bb"), ("source", "#009988")):
+        for lr, runs in result["arms"][arm].items():
+            for r in runs:
+                xs, ys = zip(*r["curve"][1:])
+                ax.plot(xs, ys, color=color, lw=1.2, alpha=0.8,
+                        label=f"{result['labels'][arm]}, lr {float(lr):g}, seed {r['seed']}")
+    for c in result["crossover_flops"]["per_run"]:
+        if c["flops"] is not None:
+            ax.axvline(c["flops"], color="black", ls="--", lw=0.8)
+    last = [r["curve"][-1][1] for runs in result["arms"]["source"].values() for r in runs]
+    ax.set_ylim(min(last) - 0.05, min(last) + 0.6)
+    ax.set_xlabel("training FLOPs")
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.set_title(f"crossover, preset {result['preset']}: {result['schedule']} learning rate "
+                 f"after warmup\n{result['data'][:110]}", fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    p.add_argument("--quick", action="store_true", help="growth_vs_scratch's --quick model")
+    p.add_argument("--budget", type=float, required=True, help="training FLOPs per arm")
+    p.add_argument("--data", default=None, help="'embedded' (default), 'hf' or a .txt path")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--scratch-lrs", type=float, nargs="+", default=None,
+                   help="peak rates of the large model (default: the phase-1 rate)")
+    p.add_argument("--source-lrs", type=float, nargs="+", default=None,
+                   help="peak rates of the small model (default: the phase-1 rate)")
+    p.add_argument("--schedule", default="constant", choices=("constant", "cosine"))
+    p.add_argument("--n-evals", type=int, default=40)
+    p.add_argument("--results-dir", default=str(RESULTS_DIR))
+    args = p.parse_args(argv)
+    if not args.budget > 0:
+        p.error("--budget: give a positive number of FLOPs, e.g. 5e13")
+
+    overrides = dict(QUICK) if args.quick else {}
+    overrides.update(schedule=args.schedule, plot=False, progress=False)
+    if args.data:
+        overrides["data"] = args.data
+    base = preset_config(args.preset, **overrides)
+    if base.threads > 0:
+        torch.set_num_threads(base.threads)
+    device = torch.device("cuda" if base.device in ("cuda", "auto")
+                          and torch.cuda.is_available() else "cpu")
+    lrs = {"scratch": args.scratch_lrs or [base.phase1.lr],
+           "source": args.source_lrs or [base.phase1.lr]}
+    t0 = time.perf_counter()
+    arms: dict[str, dict[str, list]] = {a: {str(lr): [] for lr in v} for a, v in lrs.items()}
+    data_desc = ""
+    for seed in args.seeds:
+        cfg = TrainConfig.from_dict({"seed": seed}, base=base)
+        ds, tok, data_desc = prepare_data(cfg, log=None)
+        models = {"scratch": cfg.model_config(tok.vocab_size, phase=3),
+                  "source": cfg.model_config(tok.vocab_size, phase=1)}
+        evaluate = Evaluator(ds, cfg, device)
+        for arm, model_cfg in models.items():
+            for lr in lrs[arm]:
+                print(f"=== seed {seed}: {arm}, lr {lr:g} ===", flush=True)
+                r = train_arm(ds, cfg, model_cfg, lr, args.budget, evaluate, device,
+                              args.n_evals, f"{arm} lr {lr:g} seed {seed}")
+                arms[arm][str(lr)].append({"seed": seed, **r})
+
+    def best(arm: str) -> str:
+        return min(arms[arm], key=lambda lr: statistics.fmean(
+            r["final_val_loss"] for r in arms[arm][lr]))
+
+    per_run = []
+    for big, small in zip(arms["scratch"][best("scratch")], arms["source"][best("source")]):
+        per_run.append({"seed": big["seed"], "flops": crossover(big["curve"], small["curve"]),
+                        "final_gap": big["final_val_loss"] - small["final_val_loss"]})
+    found = [c["flops"] for c in per_run]
+    result = {
+        "preset": args.preset, "quick": args.quick, "budget_flops": args.budget,
+        "schedule": args.schedule, "seeds": args.seeds, "data": data_desc,
+        "device": device_label(device),
+        "labels": {"scratch": "(b) final architecture from scratch",
+                   "source": "(c) phase-1 model trained on"},
+        "model_configs": {a: m.to_dict() for a, m in models.items()},
+        "arms": arms, "best_lr": {a: best(a) for a in arms},
+        "crossover_flops": {"per_run": per_run,
+                            "mean": None if None in found else statistics.fmean(found)},
+        "wall_s": time.perf_counter() - t0,
+        "note": "constant learning rate after the phase-1 warmup fraction unless --schedule "
+                "cosine; crossover: first FLOPs from which (b)'s validation loss stays at or "
+                "below (c)'s, the best rate of each arm by mean final loss",
+    }
+    for c in per_run:
+        where = (f"{c['flops']:.3g} FLOPs" if c["flops"] is not None
+                 else f"not within {args.budget:.3g} FLOPs")
+        print(f"seed {c['seed']}: (b) overtakes (c) at {where}; final gap (b) - (c) "
+              f"{c['final_gap']:+.4f}")
+    stem = (f"crossover_{args.preset}{'_quick' if args.quick else ''}_"
+            f"{device_slug(device)}")
+    out = Path(args.results_dir)
+    atomic_write_text(out / f"{stem}.json", json.dumps(result, indent=1) + "\n")
+    drew = plot(result, out / f"{stem}.png")
+    print(f"wrote {out / stem}.json{' and .png' if drew else ''}; {result['wall_s']:.0f} s")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""The arithmetic behind bench/growth_vs_scratch.py and bench/crossover.py: the budget a
+growth recipe is given, where two loss curves cross, when a curve reaches a target."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+from crossover import crossover  # noqa: E402
+from growth_vs_scratch import (  # noqa: E402
+    fill_budget,
+    flops_to_reach,
+    parse_variant,
+    phase_step_flops,
+)
+
+from growkit.train.config import preset_config  # noqa: E402
+from growkit.train.metrics import training_flops_per_token  # noqa: E402
+
+
+def test_phase_step_flops_follow_each_phase_model():
+    cfg = preset_config("tiny")
+    f = phase_step_flops(cfg, 257)
+    tokens = cfg.batch_size * cfg.seq_len
+    for p in (1, 2, 3):
+        assert f[p] == training_flops_per_token(cfg.model_config(257, phase=p), cfg.seq_len) * tokens
+    assert f[1] < f[2] < f[3]
+    grown = cfg.model_config(257, phase=3)
+    assert (grown.d_model, grown.n_layers, grown.n_heads, grown.head_dim) == (128, 4, 8, 16)
+
+
+@pytest.mark.parametrize("steps1", [600, 1200, 2400])
+def test_fill_budget_spends_the_default_budget_to_one_step(steps1):
+    base = preset_config("tiny")
+    f = phase_step_flops(base, 257)
+    budget = sum(getattr(base, f"phase{p}").steps * f[p] for p in (1, 2, 3))
+    variant = preset_config("tiny", **{"phase1.steps": steps1, "phase3.lr": 1e-3})
+    filled = fill_budget(variant, 257, budget)
+    spent = sum(getattr(filled, f"phase{p}").steps * f[p] for p in (1, 2, 3))
+    assert abs(spent - budget) <= f[3] / 2
+    assert filled.phase3.lr == 1e-3 and filled.phase1.steps == steps1
+    # Growing later leaves fewer (costlier) phase-3 steps.
+    assert (filled.phase3.steps < base.phase3.steps) == (steps1 > base.phase1.steps)
+
+
+def test_fill_budget_refuses_a_budget_spent_before_phase_3():
+    base = preset_config("tiny")
+    f = phase_step_flops(base, 257)
+    with pytest.raises(ValueError, match="no phase-3 step"):
+        fill_budget(preset_config("tiny", **{"phase1.steps": 10**6}), 257, 1000 * f[1])
+
+
+def test_parse_variant_changes_fields_and_refuses_shared_ones():
+    base = preset_config("tiny")
+    name, items, cfg = parse_variant("late:phase1.steps=3000, noise-std=1e-2,reset-optimizer", base)
+    assert name == "late" and items == ["phase1.steps=3000", "noise-std=1e-2", "reset-optimizer"]
+    assert (cfg.phase1.steps, cfg.noise_std, cfg.reset_optimizer) == (3000, 1e-2, True)
+    assert base.phase1.steps == 1200  # the base is not changed
+    for bad in ("late", ":phase1.steps=3", "a b:phase1.steps=3"):
+        with pytest.raises(ValueError, match="NAME:FIELD=VALUE"):
+            parse_variant(bad, base)
+    with pytest.raises(ValueError, match="batch_size"):
+        parse_variant("x:batch-size=4", base)
+
+
+def test_flops_to_reach_interpolates_and_says_never():
+    curve = [(0.0, 3.0), (10.0, 2.0), (20.0, 1.0)]
+    assert flops_to_reach(curve, 1.5) == pytest.approx(15.0)
+    assert flops_to_reach(curve, 3.0) == 0.0
+    assert flops_to_reach(curve, 0.5) is None
+
+
+def test_crossover_finds_the_last_overtaking():
+    small = [(0.0, 2.0), (10.0, 1.5), (20.0, 1.3), (30.0, 1.25), (40.0, 1.22)]
+    # Large: above, dips below at 20 (noise), back above, then below for good from ~30.
+    large = [(0.0, 3.0), (10.0, 1.8), (20.0, 1.29), (25.0, 1.30), (35.0, 1.20), (40.0, 1.15)]
+    x = crossover(large, small)
+    # at 25 the gap is 1.30 - 1.275 = +0.025, at 35 it is 1.20 - 1.235 = -0.035
+    assert x == pytest.approx(25.0 + 10.0 * 0.025 / 0.06)
+    assert crossover([(0.0, 3.0), (40.0, 1.3)], small) is None
+    assert crossover([(0.0, 1.0), (40.0, 1.0)], small) == 0.0
