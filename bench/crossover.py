@@ -34,7 +34,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS_DIR, atomic_write_text, device_label, device_slug  # noqa: E402
 from growth_vs_scratch import QUICK, Evaluator, train_arm  # noqa: E402
 
-from growkit.train.config import PRESETS, TrainConfig, preset_config  # noqa: E402
+from growkit.train.config import (  # noqa: E402
+    PRESETS,
+    TrainConfig,
+    legacy_to_nested,
+    parse_args,
+    preset_config,
+)
 from growkit.train.data import prepare_data  # noqa: E402
 
 
@@ -104,6 +110,10 @@ def main(argv=None) -> dict:
                    help="peak rates of the large model (default: the phase-1 rate)")
     p.add_argument("--source-lrs", type=float, nargs="+", default=None,
                    help="peak rates of the small model (default: the phase-1 rate)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a TrainConfig field as the pipeline's flag --FIELD VALUE "
+                        "(d-model=32, n-layers=2; repeatable)")
+    p.add_argument("--name", default="", help="suffix of the result files")
     p.add_argument("--schedule", default="constant", choices=("constant", "cosine"))
     p.add_argument("--n-evals", type=int, default=40)
     p.add_argument("--results-dir", default=str(RESULTS_DIR))
@@ -116,6 +126,15 @@ def main(argv=None) -> dict:
     if args.data:
         overrides["data"] = args.data
     base = preset_config(args.preset, **overrides)
+    flags: list[str] = []
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        flags += [f"--{key.strip()}", value.strip()] if sep else [f"--{key.strip()}"]
+    if flags:  # parsed as the pipeline parses its flags (tyro)
+        try:
+            base = parse_args(legacy_to_nested(flags), base, prog="--set").cfg
+        except (TypeError, ValueError) as e:
+            p.error(f"--set: {e}")
     if base.threads > 0:
         torch.set_num_threads(base.threads)
     device = torch.device("cuda" if base.device in ("cuda", "auto")
@@ -150,6 +169,7 @@ def main(argv=None) -> dict:
     result = {
         "preset": args.preset, "quick": args.quick, "budget_flops": args.budget,
         "schedule": args.schedule, "seeds": args.seeds, "data": data_desc,
+        "set": list(args.set), "config": base.to_dict(),
         "device": device_label(device),
         "labels": {"scratch": "(b) final architecture from scratch",
                    "source": "(c) phase-1 model trained on"},
@@ -167,8 +187,8 @@ def main(argv=None) -> dict:
                  else f"not within {args.budget:.3g} FLOPs")
         print(f"seed {c['seed']}: (b) overtakes (c) at {where}; final gap (b) - (c) "
               f"{c['final_gap']:+.4f}")
-    stem = (f"crossover_{args.preset}{'_quick' if args.quick else ''}_"
-            f"{device_slug(device)}")
+    stem = (f"crossover_{args.preset}{'_quick' if args.quick else ''}"
+            f"{'_' + args.name if args.name else ''}_{device_slug(device)}")
     out = Path(args.results_dir)
     atomic_write_text(out / f"{stem}.json", json.dumps(result, indent=1) + "\n")
     drew = plot(result, out / f"{stem}.png")

@@ -42,6 +42,8 @@ min to max).
 from __future__ import annotations
 
 import argparse
+import multiprocessing
+import os
 import json
 import math
 import statistics
@@ -49,6 +51,7 @@ import sys
 import tempfile
 import textwrap
 import time
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -256,6 +259,77 @@ def run_pipeline(cfg: TrainConfig, label: str) -> tuple[dict, dict]:
             "wall_s": summary["wall_time_s"]}, summary
 
 
+#: Fields that do not change what a run computes (where it writes, what it shows).
+RUN_ONLY_FIELDS = ("out_dir", "run_dir", "name", "progress", "plot", "threads",
+                   "checkpoint_every", "keep_checkpoints", "token_cache_dir")
+
+
+def reusable_arms(path: Path, base: TrainConfig, seeds: list[int], lrs: list[float]) -> dict:
+    """Arms (a), (b) and (c) of an earlier result JSON, for ``seeds``, if it ran the same
+    settings (every field but :data:`RUN_ONLY_FIELDS`) and the same (b) sweep.
+
+    Raises:
+        ValueError: Naming what differs or is missing.
+    """
+    try:
+        prev = json.loads(path.read_text())
+        arms, config = prev["arms"], prev["config"]
+        sweep, budget = arms["scratch"]["sweep"], float(prev["budget_flops"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path} is not a result of this script ({type(e).__name__}: {e})") \
+            from None
+    want = base.to_dict()
+    differ = sorted(k for k in set(want) | set(config)
+                    if k not in RUN_ONLY_FIELDS and want.get(k) != config.get(k))
+    if differ:
+        raise ValueError(f"{path} ran other settings: {differ} differ; rerun without it")
+    if sorted(float(lr) for lr in sweep) != sorted(lrs):
+        raise ValueError(f"{path} swept (b) over {sorted(float(x) for x in sweep)}, not {lrs}")
+
+    def pick(runs: list[dict], what: str) -> list[dict]:
+        by_seed = {r["seed"]: r for r in runs}
+        missing = [s for s in seeds if s not in by_seed]
+        if missing:
+            raise ValueError(f"{path} has no {what} run for seeds {missing}")
+        return [by_seed[s] for s in seeds]
+
+    return {"pipeline": pick(arms["pipeline"]["runs"], "pipeline"),
+            "scratch": {float(lr): pick(e["runs"], f"(b) lr {lr}") for lr, e in sweep.items()},
+            "source": pick(arms["source"]["runs"], "(c)"),
+            "scratch_model": arms["scratch"]["model_config"],
+            "source_model": arms["source"]["model_config"],
+            "budget": budget, "data": prev["data"], "device": prev["device"]}
+
+
+def pipeline_task(cfg: dict, label: str) -> tuple[dict, dict]:
+    """One pipeline run (picklable arguments, for a worker process)."""
+    return run_pipeline(TrainConfig.from_dict(cfg), label)
+
+
+def arm_task(model_cfg: dict, lr: float, label: str, cfg: dict, budget: float, n_evals: int,
+             device: str, tokenizer_dir: str) -> dict:
+    """One arm trained outside the pipeline, on the data and tokenizer of the pipeline run
+    in ``tokenizer_dir`` (picklable arguments, for a worker process)."""
+    cfg = TrainConfig.from_dict(cfg)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    ds, _, _ = prepare_data(cfg, tokenizer=load_tokenizer(tokenizer_dir), log=None)
+    dev = torch.device(device)
+    print(f"=== seed {cfg.seed}: {label} ===", flush=True)
+    return train_arm(ds, cfg, ModelConfig.from_dict(model_cfg), lr, budget,
+                     Evaluator(ds, cfg, dev), dev, n_evals, label)
+
+
+def run_tasks(tasks: list[tuple[Any, tuple]], jobs: int) -> list:
+    """``[fn(*args) for fn, args in tasks]``, in ``jobs`` processes when ``jobs > 1``."""
+    if jobs <= 1 or len(tasks) <= 1:
+        return [fn(*a) for fn, a in tasks]
+    # spawn, not fork: a forked child inherits torch's thread pools in whatever state.
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as ex:
+        futures = [ex.submit(fn, *a) for fn, a in tasks]
+        return [f.result() for f in futures]
+
+
 def pipeline_arm(runs: list[dict]) -> dict:
     return {"runs": runs,
             "final_val_loss": stats([r["final_val_loss"] for r in runs]),
@@ -357,8 +431,15 @@ def main(argv=None) -> dict:
                         "(e.g. late:phase1.steps=3000,phase3.lr=1e-3; repeatable)")
     p.add_argument("--name", default="",
                    help="suffix of the result files (growth_vs_scratch_<preset>_<data>_<name>)")
+    p.add_argument("--reuse-arms", metavar="JSON", default=None,
+                   help="take arms (a), (b) and (c) from an earlier result of this script with "
+                        "the same settings, seeds and --scratch-lrs (checked), and run only the "
+                        "--variant recipes")
     p.add_argument("--n-evals", type=int, default=None,
                    help="evaluations of arms (b) and (c) (default 20, 10 with --quick)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs at once, each in its own process (default 1; with more, each "
+                        "run gets cpu_count / jobs torch threads unless --set threads=N)")
     p.add_argument("--out", default=None, help="parent of the pipeline runs (default: temp)")
     p.add_argument("--results-dir", default=str(RESULTS_DIR))
     args = p.parse_args(argv)
@@ -386,16 +467,17 @@ def main(argv=None) -> dict:
     if len(lrs) < 3:
         p.error("--scratch-lrs: give at least 3 learning rates")
     n_evals = args.n_evals or (10 if args.quick else 20)
-    if base.threads > 0:  # the pipeline sets it for (a); (b) and (c) run here
-        torch.set_num_threads(base.threads)
+    if args.jobs < 1:
+        p.error("--jobs: give 1 or more")
+    if args.jobs > 1 and base.threads == 0:  # no oversubscription of the cores
+        base = TrainConfig.from_dict({"threads": max(1, (os.cpu_count() or 1) // args.jobs)},
+                                     base=base)
     out_dir = Path(args.out or tempfile.mkdtemp(prefix="growth_vs_scratch_"))
     t_start = time.perf_counter()
 
     pipe_runs: list[dict] = []
     scratch: dict[float, list[dict]] = {lr: [] for lr in lrs}
     source_runs: list[dict] = []
-    final_cfg = source_cfg = budget = device = None
-    data_desc = ""
     variants: dict[str, tuple[list[str], TrainConfig]] = {}
     for text in args.variant:
         try:
@@ -415,38 +497,60 @@ def main(argv=None) -> dict:
             p.error(f"--variant {name}: {e}")
         variants[name] = (items, vcfg)
     variant_runs: dict[str, list[dict]] = {name: [] for name in variants}
-    for seed in args.seeds:
-        cfg = TrainConfig.from_dict({"seed": seed, "out_dir": str(out_dir),
-                                     "run_dir": str(out_dir / f"pipeline-seed{seed}")}, base=base)
-        record, summary = run_pipeline(cfg, "(a) pipeline")
-        pipe_runs.append(record)
-        run_dir = Path(cfg.run_dir)
+    def seed_cfg(cfg: TrainConfig, seed: int, name: str) -> dict:
+        return TrainConfig.from_dict({"seed": seed, "out_dir": str(out_dir),
+                                      "run_dir": str(out_dir / f"{name}-seed{seed}")},
+                                     base=cfg).to_dict()
+
+    if args.reuse_arms:
+        try:
+            reused = reusable_arms(Path(args.reuse_arms), base, args.seeds, lrs)
+        except ValueError as e:
+            p.error(f"--reuse-arms: {e}")
+        pipe_runs, scratch, source_runs = (reused[k] for k in ("pipeline", "scratch", "source"))
+        final_cfg = ModelConfig.from_dict(reused["scratch_model"])
+        source_cfg = ModelConfig.from_dict(reused["source_model"])
+        budget, data_desc, device_desc = reused["budget"], reused["data"], reused["device"]
+    else:
+        # Stage 1: the default pipeline of every seed (it fixes the budget and tokenizer).
+        firsts = run_tasks([(pipeline_task, (seed_cfg(base, seed, "pipeline"), "(a) pipeline"))
+                            for seed in args.seeds], args.jobs)
+        pipe_runs = [record for record, _ in firsts]
+        summary = firsts[0][1]
         final_cfg = ModelConfig.from_dict(summary["phases"]["3"]["model_config"])
         source_cfg = ModelConfig.from_dict(summary["phases"]["1"]["model_config"])
         budget = summary["flops"]
         data_desc = summary["data"]
         device = torch.device(summary["device"])
+        device_desc = device_label(device)
+    # Stage 2: the variants, arm (b)'s sweep and arm (c), every seed.
+    tasks, keys = [], []
+    for seed in args.seeds:
         for name, (items, vcfg) in variants.items():
             try:
                 vcfg = fill_budget(vcfg, source_cfg.vocab_size, budget)
             except ValueError as e:
                 raise SystemExit(f"--variant {name}: {e}") from None
-            vcfg = TrainConfig.from_dict({"seed": seed, "out_dir": str(out_dir),
-                                          "run_dir": str(out_dir / f"{name}-seed{seed}")},
-                                         base=vcfg)
-            variant_runs[name].append(run_pipeline(vcfg, f"(a) variant {name}")[0])
-
-        ds, _, _ = prepare_data(cfg, tokenizer=load_tokenizer(run_dir), log=None)
-        evaluate = Evaluator(ds, cfg, device)
+            tasks.append((pipeline_task, (seed_cfg(vcfg, seed, name), f"(a) variant {name}")))
+            keys.append(("variant", name, seed))
+        if args.reuse_arms:
+            continue
+        arm_args = (seed_cfg(base, seed, "pipeline"), budget, n_evals, str(device),
+                    str(out_dir / f"pipeline-seed{seed}"))
         for lr in lrs:
-            print(f"=== seed {seed}: (b) scratch, lr {lr:g} ===")
-            r = train_arm(ds, cfg, final_cfg, lr, budget, evaluate, device, n_evals,
-                          f"scratch lr {lr:g} seed {seed}")
-            scratch[lr].append({"seed": seed, **r})
-        print(f"=== seed {seed}: (c) source model trained on ===")
-        r = train_arm(ds, cfg, source_cfg, cfg.phase1.lr, budget, evaluate, device, n_evals,
-                      f"source seed {seed}")
-        source_runs.append({"seed": seed, **r})
+            tasks.append((arm_task, (final_cfg.to_dict(), lr, f"scratch lr {lr:g} seed {seed}",
+                                     *arm_args)))
+            keys.append(("scratch", lr, seed))
+        tasks.append((arm_task, (source_cfg.to_dict(), base.phase1.lr, f"source seed {seed}",
+                                 *arm_args)))
+        keys.append(("source", None, seed))
+    for (kind, key, seed), out in zip(keys, run_tasks(tasks, args.jobs)):
+        if kind == "variant":
+            variant_runs[key].append(out[0])
+        elif kind == "scratch":
+            scratch[key].append({"seed": seed, **out})
+        else:
+            source_runs.append({"seed": seed, **out})
 
     sweep = {str(lr): {"lr": lr, "runs": runs,
                        "final_val_loss": stats([r["final_val_loss"] for r in runs])}
@@ -487,7 +591,7 @@ def main(argv=None) -> dict:
         arm["pays"] = arm["reaches_scratch_final_by_half_budget"] and arm["below_source"]
     result = {
         "preset": args.preset, "quick": args.quick, "seeds": args.seeds, "data": data_desc,
-        "device": device_label(device), "budget_flops": budget,
+        "device": device_desc, "budget_flops": budget, "reused_arms_from": args.reuse_arms,
         "config": base.to_dict(), "overrides": {k: str(v) for k, v in overrides.items()},
         "set": list(args.set),
         "arms": arms, "variants": variant_arms, "targets": targets,

@@ -3,6 +3,7 @@ growth recipe is given, where two loss curves cross, when a curve reaches a targ
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -82,3 +83,35 @@ def test_crossover_finds_the_last_overtaking():
     assert x == pytest.approx(25.0 + 10.0 * 0.025 / 0.06)
     assert crossover([(0.0, 3.0), (40.0, 1.3)], small) is None
     assert crossover([(0.0, 1.0), (40.0, 1.0)], small) == 0.0
+
+
+def _result(cfg, seeds=(0, 1), lrs=("0.001", "0.003", "0.009")) -> dict:
+    run = lambda s: {"seed": s, "curve": [[0.0, 2.0], [1.0, 1.0]], "final_val_loss": 1.0}  # noqa: E731
+    return {"config": cfg.to_dict(), "budget_flops": 1.0, "data": "d", "device": "cpu",
+            "arms": {"pipeline": {"runs": [run(s) for s in seeds]},
+                     "scratch": {"sweep": {lr: {"runs": [run(s) for s in seeds]} for lr in lrs},
+                                 "model_config": {"d_model": 128}},
+                     "source": {"runs": [run(s) for s in seeds], "model_config": {"d_model": 64}}}}
+
+
+def test_reusable_arms_takes_only_a_matching_earlier_result(tmp_path):
+    from growth_vs_scratch import reusable_arms
+
+    base = preset_config("tiny")
+    path = tmp_path / "prev.json"
+    lrs = [0.001, 0.003, 0.009]
+    # Settings that only say where a run writes or how it shows progress may differ.
+    path.write_text(json.dumps(_result(preset_config("tiny", out_dir="elsewhere", threads=1))))
+    got = reusable_arms(path, base, [1], lrs)
+    assert [r["seed"] for r in got["pipeline"]] == [1] and set(got["scratch"]) == set(lrs)
+    path.write_text(json.dumps(_result(preset_config("tiny", noise_std=1e-2))))
+    with pytest.raises(ValueError, match="noise_std"):
+        reusable_arms(path, base, [0], lrs)
+    path.write_text(json.dumps(_result(base)))
+    with pytest.raises(ValueError, match="seeds \\[2\\]"):
+        reusable_arms(path, base, [0, 2], lrs)
+    with pytest.raises(ValueError, match="swept"):
+        reusable_arms(path, base, [0], [0.001, 0.003, 0.03])
+    path.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="not a result"):
+        reusable_arms(path, base, [0], lrs)
