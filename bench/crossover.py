@@ -2,6 +2,7 @@
 
     python bench/crossover.py --preset tiny --budget 5e13            # ~25 min on 2 CPU cores
     python bench/crossover.py --preset tiny --budget 2e12 --quick    # smoke test
+    python bench/crossover.py --analyze bench/results/crossover_<...>.json   # analysis again
 
 Growth can only pay at budgets where the pipeline's final architecture trained from
 scratch (arm (b) of ``bench/growth_vs_scratch.py``) ends below the phase-1 model simply
@@ -66,6 +67,29 @@ def crossover(large: list[tuple[float, float]], small: list[tuple[float, float]]
     return f0 + (f1 - f0) * g0 / (g0 - g1)
 
 
+def growth_head_start(large: list[tuple[float, float]],
+                      small: list[tuple[float, float]]) -> dict | None:
+    """The most FLOPs a growth of the small model could save against the large one.
+
+    A function-preserving growth at FLOPs ``T`` hands the large architecture the small
+    model's loss ``L(T)``; from scratch the large model first reaches ``L(T)`` at ``T_s``.
+    If the grown model then learns as the one from scratch does from the same loss, it
+    stays ``T_s - T`` FLOPs ahead: the head start. This returns its largest value over the
+    small model's evaluations (None if the large curve never reaches a loss of the small
+    one's): an upper bound on what growth saves unless a grown model learns faster than a
+    fresh one at equal loss (measured so far: slower).
+    """
+    from growth_vs_scratch import flops_to_reach
+
+    best = None
+    for t, loss in small[1:]:
+        reach = flops_to_reach(large, loss)
+        if reach is not None and (best is None or reach - t > best["head_start_flops"]):
+            best = {"grow_at_flops": t, "small_loss": loss, "large_reaches_at_flops": reach,
+                    "head_start_flops": reach - t}
+    return best
+
+
 def plot(result: dict, path: Path) -> bool:
     try:
         import matplotlib
@@ -103,7 +127,10 @@ def main(argv=None) -> dict:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     p.add_argument("--quick", action="store_true", help="growth_vs_scratch's --quick model")
-    p.add_argument("--budget", type=float, required=True, help="training FLOPs per arm")
+    p.add_argument("--budget", type=float, default=None, help="training FLOPs per arm")
+    p.add_argument("--analyze", metavar="JSON", default=None,
+                   help="train nothing: analyze the curves of an earlier result again and "
+                        "rewrite it and its plot")
     p.add_argument("--data", default=None, help="'embedded' (default), 'hf' or a .txt path")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--scratch-lrs", type=float, nargs="+", default=None,
@@ -118,8 +145,16 @@ def main(argv=None) -> dict:
     p.add_argument("--n-evals", type=int, default=40)
     p.add_argument("--results-dir", default=str(RESULTS_DIR))
     args = p.parse_args(argv)
-    if not args.budget > 0:
-        p.error("--budget: give a positive number of FLOPs, e.g. 5e13")
+    if args.analyze:
+        path = Path(args.analyze)
+        try:
+            result = json.loads(path.read_text())
+            result["arms"]["scratch"], result["arms"]["source"]  # noqa: B018
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            p.error(f"--analyze: {path} is not a result of this script ({e})")
+        return report(result, path.with_suffix(""))
+    if args.budget is None or not args.budget > 0:
+        p.error("--budget: give a positive number of training FLOPs, e.g. 5e13")
 
     overrides = dict(QUICK) if args.quick else {}
     overrides.update(schedule=args.schedule, plot=False, progress=False)
@@ -157,15 +192,6 @@ def main(argv=None) -> dict:
                               args.n_evals, f"{arm} lr {lr:g} seed {seed}")
                 arms[arm][str(lr)].append({"seed": seed, **r})
 
-    def best(arm: str) -> str:
-        return min(arms[arm], key=lambda lr: statistics.fmean(
-            r["final_val_loss"] for r in arms[arm][lr]))
-
-    per_run = []
-    for big, small in zip(arms["scratch"][best("scratch")], arms["source"][best("source")]):
-        per_run.append({"seed": big["seed"], "flops": crossover(big["curve"], small["curve"]),
-                        "final_gap": big["final_val_loss"] - small["final_val_loss"]})
-    found = [c["flops"] for c in per_run]
     result = {
         "preset": args.preset, "quick": args.quick, "budget_flops": args.budget,
         "schedule": args.schedule, "seeds": args.seeds, "data": data_desc,
@@ -174,25 +200,57 @@ def main(argv=None) -> dict:
         "labels": {"scratch": "(b) final architecture from scratch",
                    "source": "(c) phase-1 model trained on"},
         "model_configs": {a: m.to_dict() for a, m in models.items()},
-        "arms": arms, "best_lr": {a: best(a) for a in arms},
-        "crossover_flops": {"per_run": per_run,
-                            "mean": None if None in found else statistics.fmean(found)},
-        "wall_s": time.perf_counter() - t0,
-        "note": "constant learning rate after the phase-1 warmup fraction unless --schedule "
-                "cosine; crossover: first FLOPs from which (b)'s validation loss stays at or "
-                "below (c)'s, the best rate of each arm by mean final loss",
+        "arms": arms, "wall_s": time.perf_counter() - t0,
     }
-    for c in per_run:
-        where = (f"{c['flops']:.3g} FLOPs" if c["flops"] is not None
-                 else f"not within {args.budget:.3g} FLOPs")
-        print(f"seed {c['seed']}: (b) overtakes (c) at {where}; final gap (b) - (c) "
-              f"{c['final_gap']:+.4f}")
     stem = (f"crossover_{args.preset}{'_quick' if args.quick else ''}"
             f"{'_' + args.name if args.name else ''}_{device_slug(device)}")
-    out = Path(args.results_dir)
-    atomic_write_text(out / f"{stem}.json", json.dumps(result, indent=1) + "\n")
-    drew = plot(result, out / f"{stem}.png")
-    print(f"wrote {out / stem}.json{' and .png' if drew else ''}; {result['wall_s']:.0f} s")
+    return report(result, Path(args.results_dir) / stem)
+
+
+def analyze(result: dict) -> dict:
+    """``result`` with the best rate of each arm, the crossover and the head start of
+    every seed, computed from its curves."""
+    arms = result["arms"]
+
+    def best(arm: str) -> str:
+        return min(arms[arm], key=lambda lr: statistics.fmean(
+            r["final_val_loss"] for r in arms[arm][lr]))
+
+    per_run = []
+    for big, small in zip(arms["scratch"][best("scratch")], arms["source"][best("source")]):
+        per_run.append({"seed": big["seed"], "flops": crossover(big["curve"], small["curve"]),
+                        "final_gap": big["final_val_loss"] - small["final_val_loss"],
+                        "head_start": growth_head_start(big["curve"], small["curve"])})
+    found = [c["flops"] for c in per_run]
+    return {**result, "best_lr": {a: best(a) for a in arms},
+            "crossover_flops": {"per_run": per_run,
+                                "mean": None if None in found else statistics.fmean(found)},
+            "note": "constant learning rate after the phase-1 warmup fraction unless "
+                    "--schedule cosine; crossover: first FLOPs from which (b)'s validation "
+                    "loss stays at or below (c)'s, the best rate of each arm by mean final "
+                    "loss; head_start: the largest FLOPs a function-preserving growth of (c) "
+                    "could save against (b) if the grown model then learned as (b) does "
+                    "from the same loss"}
+
+
+def report(result: dict, stem: Path) -> dict:
+    """Analyzes ``result``, prints it, writes ``stem``.json and .png."""
+    result = analyze(result)
+    for c in result["crossover_flops"]["per_run"]:
+        where = (f"{c['flops']:.3g} FLOPs" if c["flops"] is not None
+                 else f"not within {result['budget_flops']:.3g} FLOPs")
+        print(f"seed {c['seed']}: (b) overtakes (c) at {where}; final gap (b) - (c) "
+              f"{c['final_gap']:+.4f}")
+        h = c["head_start"]
+        if h is not None:
+            print(f"    largest head start a growth could give: {h['head_start_flops']:.3g} "
+                  f"FLOPs (grow at {h['grow_at_flops']:.3g}, loss {h['small_loss']:.4f}, which "
+                  f"the large model reaches at {h['large_reaches_at_flops']:.3g})"
+                  + (f"; {h['head_start_flops'] / c['flops']:.0%} of the crossover budget"
+                     if c["flops"] else ""))
+    atomic_write_text(stem.with_name(stem.name + ".json"), json.dumps(result, indent=1) + "\n")
+    drew = plot(result, stem.with_name(stem.name + ".png"))
+    print(f"wrote {stem}.json{' and .png' if drew else ''}; {result['wall_s']:.0f} s")
     return result
 
 

@@ -115,3 +115,15 @@ def test_reusable_arms_takes_only_a_matching_earlier_result(tmp_path):
     path.write_text("[1, 2]")
     with pytest.raises(ValueError, match="not a result"):
         reusable_arms(path, base, [0], lrs)
+
+
+def test_growth_head_start_is_the_largest_lead_of_the_small_curve():
+    from crossover import growth_head_start
+
+    large = [(0.0, 3.0), (10.0, 2.0), (20.0, 1.5), (30.0, 1.2), (40.0, 1.0)]
+    small = [(0.0, 3.0), (5.0, 2.0), (10.0, 1.6), (20.0, 1.45), (40.0, 1.4)]
+    h = growth_head_start(large, small)
+    # small at 10 has 1.6, which large reaches at 10 + 10 * 0.4 / 0.5 = 18: lead 8;
+    # at 5 (2.0): large at 10, lead 5; at 20 (1.45): 20 + 10 * 0.05 / 0.3, lead 1.67
+    assert h["grow_at_flops"] == 10.0 and h["head_start_flops"] == pytest.approx(8.0)
+    assert growth_head_start([(0.0, 3.0), (40.0, 2.5)], small) is None

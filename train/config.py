@@ -3,7 +3,7 @@
 A run's settings are resolved in this order, each layer overriding the one before:
 
 1. the :class:`TrainConfig` defaults,
-2. a preset (``--preset tiny|small|gpu``, see :data:`PRESETS`),
+2. a preset (``--preset tiny|micro|small|gpu``, see :data:`PRESETS`),
 3. a JSON or YAML file (``--config run.yaml``; keys are field names, with ``_`` or ``-``),
 4. command-line flags, one per field, made by `tyro <https://brentyi.github.io/tyro/>`_
    from the dataclass and its field docstrings (``--d-model 128`` or ``--d_model 128``).
@@ -555,6 +555,18 @@ PRESETS: dict[str, dict[str, Any]] = {
         eval_interval=100, eval_batches=8, log_interval=10, checkpoint_every=500,
         device="cpu", dtype="float32",
     ),
+    # The smallest setting past the growth crossover: the tiny preset at half the width
+    # (d32, 2 heads of 16) and a budget (4.5e12 training FLOPs, ~2 min for the pipeline on
+    # one CPU core) about twice the FLOPs at which its phase-3 architecture trained from
+    # scratch overtakes the phase-1 model trained on (2.3e12, bench/crossover.py). For
+    # bench/growth_vs_scratch.py: the budget where growth can matter.
+    "micro": dict(
+        name="micro", d_model=32, n_layers=2, n_heads=2, seq_len=64, batch_size=16,
+        n_experts=4, top_k=2, scale_factor=2, extra_layers=2,
+        **_phases((2900, 300, 1530), (3e-3, 1e-3, 1e-3), (0.08, 0.05, 0.25)),
+        eval_interval=250, eval_batches=8, log_interval=10, checkpoint_every=0,
+        device="cpu", dtype="float32", threads=1,
+    ),
     # A longer CPU run (tens of minutes on a laptop) or a quick GPU one.
     "small": dict(
         name="small", d_model=128, n_layers=4, n_heads=4, seq_len=128, batch_size=32,
@@ -672,8 +684,8 @@ class TrainArgs:
     cfg: _no_prefix(TrainConfig)
     config: Optional[str] = None
     """JSON or YAML file of settings (keys: field names, e.g. phase1: {steps: 100} or steps_phase1: 100), applied after --preset"""
-    preset: Optional[Literal["tiny", "small", "gpu"]] = None
-    """start from a preset: tiny (CPU, < 5 min), small, gpu"""
+    preset: Optional[Literal["tiny", "micro", "small", "gpu"]] = None
+    """start from a preset: tiny (CPU, < 5 min), micro (CPU, past the growth crossover), small, gpu"""
     resume: Optional[str] = None
     """continue the run in this directory from its latest checkpoint, with its stored config (only the RESUME_OVERRIDABLE flags may change)"""
     print_config: _switch(bool) = False
