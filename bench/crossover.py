@@ -108,11 +108,14 @@ def plot(result: dict, path: Path) -> bool:
     for c in result["crossover_flops"]["per_run"]:
         if c["flops"] is not None:
             ax.axvline(c["flops"], color="black", ls="--", lw=0.8)
-    last = [r["curve"][-1][1] for runs in result["arms"]["source"].values() for r in runs]
-    ax.set_ylim(min(last) - 0.05, min(last) + 0.6)
+    runs = [r for arm in result["arms"].values() for rs in arm.values() for r in rs]
+    low = min(loss for r in runs for _, loss in r["curve"])
+    high = max(r["curve"][-1][1] for r in runs)
+    ax.set_ylim(low - 0.03, high + 0.5)
     ax.set_xlabel("training FLOPs")
     ax.set_ylabel("validation loss (nats/token)")
-    ax.set_title(f"crossover, preset {result['preset']}: {result['schedule']} learning rate "
+    ax.set_title(f"crossover, preset {result['preset']} {' '.join(result.get('set', []))}: "
+                 f"{result['schedule']} learning rate "
                  f"after warmup\n{result['data'][:110]}", fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)

@@ -42,10 +42,10 @@ min to max).
 from __future__ import annotations
 
 import argparse
-import multiprocessing
-import os
 import json
 import math
+import multiprocessing
+import os
 import statistics
 import sys
 import tempfile
@@ -262,11 +262,18 @@ def run_pipeline(cfg: TrainConfig, label: str) -> tuple[dict, dict]:
 #: Fields that do not change what a run computes (where it writes, what it shows).
 RUN_ONLY_FIELDS = ("out_dir", "run_dir", "name", "progress", "plot", "threads",
                    "checkpoint_every", "keep_checkpoints", "token_cache_dir")
+#: Fields that change the pipeline's run but neither arm (b) nor arm (c): what happens
+#: at and after the growths (the budget is checked on its own).
+PIPELINE_ONLY_FIELDS = ("phase2", "phase3", "noise_std", "reset_optimizer", "router_init",
+                        "train_after_growth", "depth_mode", "check_tolerance", "val_tolerance",
+                        "probe_batch_size", "continue_on_failed_check", "post_growth_evals")
 
 
 def reusable_arms(path: Path, base: TrainConfig, seeds: list[int], lrs: list[float]) -> dict:
-    """Arms (a), (b) and (c) of an earlier result JSON, for ``seeds``, if it ran the same
-    settings (every field but :data:`RUN_ONLY_FIELDS`) and the same (b) sweep.
+    """Arms (b) and (c) of an earlier result JSON for ``seeds``, if it ran the same
+    settings (every field but :data:`RUN_ONLY_FIELDS` and :data:`PIPELINE_ONLY_FIELDS`),
+    the same (b) sweep and the same budget; arm (a) too (``"pipeline"``, else None) if
+    the pipeline's own fields are also the same.
 
     Raises:
         ValueError: Naming what differs or is missing.
@@ -275,14 +282,20 @@ def reusable_arms(path: Path, base: TrainConfig, seeds: list[int], lrs: list[flo
         prev = json.loads(path.read_text())
         arms, config = prev["arms"], prev["config"]
         sweep, budget = arms["scratch"]["sweep"], float(prev["budget_flops"])
+        vocab = int(arms["source"]["model_config"]["vocab_size"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{path} is not a result of this script ({type(e).__name__}: {e})") \
             from None
     want = base.to_dict()
     differ = sorted(k for k in set(want) | set(config)
                     if k not in RUN_ONLY_FIELDS and want.get(k) != config.get(k))
-    if differ:
+    if [k for k in differ if k not in PIPELINE_ONLY_FIELDS]:
         raise ValueError(f"{path} ran other settings: {differ} differ; rerun without it")
+    f = phase_step_flops(base, vocab)
+    now = sum(getattr(base, ph).steps * f[i + 1] for i, ph in enumerate(PHASES))
+    if not math.isclose(now, budget, rel_tol=1e-9):
+        raise ValueError(f"{path} had a budget of {budget:.4g} FLOPs, these settings spend "
+                         f"{now:.4g}: give phase 3 the steps that spend the same")
     if sorted(float(lr) for lr in sweep) != sorted(lrs):
         raise ValueError(f"{path} swept (b) over {sorted(float(x) for x in sweep)}, not {lrs}")
 
@@ -293,7 +306,7 @@ def reusable_arms(path: Path, base: TrainConfig, seeds: list[int], lrs: list[flo
             raise ValueError(f"{path} has no {what} run for seeds {missing}")
         return [by_seed[s] for s in seeds]
 
-    return {"pipeline": pick(arms["pipeline"]["runs"], "pipeline"),
+    return {"pipeline": None if differ else pick(arms["pipeline"]["runs"], "pipeline"),
             "scratch": {float(lr): pick(e["runs"], f"(b) lr {lr}") for lr, e in sweep.items()},
             "source": pick(arms["source"]["runs"], "(c)"),
             "scratch_model": arms["scratch"]["model_config"],
@@ -432,9 +445,10 @@ def main(argv=None) -> dict:
     p.add_argument("--name", default="",
                    help="suffix of the result files (growth_vs_scratch_<preset>_<data>_<name>)")
     p.add_argument("--reuse-arms", metavar="JSON", default=None,
-                   help="take arms (a), (b) and (c) from an earlier result of this script with "
-                        "the same settings, seeds and --scratch-lrs (checked), and run only the "
-                        "--variant recipes")
+                   help="take arms (b) and (c) from an earlier result of this script with the "
+                        "same settings (the pipeline's growth and phase-2/3 settings may differ), "
+                        "budget, seeds and --scratch-lrs (checked): run only the pipeline, and "
+                        "not even it if its settings are the same too, and the --variant recipes")
     p.add_argument("--n-evals", type=int, default=None,
                    help="evaluations of arms (b) and (c) (default 20, 10 with --quick)")
     p.add_argument("--jobs", type=int, default=1,
@@ -502,12 +516,15 @@ def main(argv=None) -> dict:
                                       "run_dir": str(out_dir / f"{name}-seed{seed}")},
                                      base=cfg).to_dict()
 
+    reused = None
     if args.reuse_arms:
         try:
             reused = reusable_arms(Path(args.reuse_arms), base, args.seeds, lrs)
         except ValueError as e:
             p.error(f"--reuse-arms: {e}")
-        pipe_runs, scratch, source_runs = (reused[k] for k in ("pipeline", "scratch", "source"))
+        scratch, source_runs = reused["scratch"], reused["source"]
+    if reused is not None and reused["pipeline"] is not None:
+        pipe_runs = reused["pipeline"]
         final_cfg = ModelConfig.from_dict(reused["scratch_model"])
         source_cfg = ModelConfig.from_dict(reused["source_model"])
         budget, data_desc, device_desc = reused["budget"], reused["data"], reused["device"]
@@ -533,7 +550,7 @@ def main(argv=None) -> dict:
                 raise SystemExit(f"--variant {name}: {e}") from None
             tasks.append((pipeline_task, (seed_cfg(vcfg, seed, name), f"(a) variant {name}")))
             keys.append(("variant", name, seed))
-        if args.reuse_arms:
+        if reused is not None:
             continue
         arm_args = (seed_cfg(base, seed, "pipeline"), budget, n_evals, str(device),
                     str(out_dir / f"pipeline-seed{seed}"))

@@ -87,11 +87,14 @@ def test_crossover_finds_the_last_overtaking():
 
 def _result(cfg, seeds=(0, 1), lrs=("0.001", "0.003", "0.009")) -> dict:
     run = lambda s: {"seed": s, "curve": [[0.0, 2.0], [1.0, 1.0]], "final_val_loss": 1.0}  # noqa: E731
-    return {"config": cfg.to_dict(), "budget_flops": 1.0, "data": "d", "device": "cpu",
+    f = phase_step_flops(cfg, 257)
+    budget = sum(getattr(cfg, f"phase{p}").steps * f[p] for p in (1, 2, 3))
+    return {"config": cfg.to_dict(), "budget_flops": budget, "data": "d", "device": "cpu",
             "arms": {"pipeline": {"runs": [run(s) for s in seeds]},
                      "scratch": {"sweep": {lr: {"runs": [run(s) for s in seeds]} for lr in lrs},
                                  "model_config": {"d_model": 128}},
-                     "source": {"runs": [run(s) for s in seeds], "model_config": {"d_model": 64}}}}
+                     "source": {"runs": [run(s) for s in seeds],
+                                "model_config": {"d_model": 64, "vocab_size": 257}}}}
 
 
 def test_reusable_arms_takes_only_a_matching_earlier_result(tmp_path):
@@ -104,8 +107,18 @@ def test_reusable_arms_takes_only_a_matching_earlier_result(tmp_path):
     path.write_text(json.dumps(_result(preset_config("tiny", out_dir="elsewhere", threads=1))))
     got = reusable_arms(path, base, [1], lrs)
     assert [r["seed"] for r in got["pipeline"]] == [1] and set(got["scratch"]) == set(lrs)
-    path.write_text(json.dumps(_result(preset_config("tiny", noise_std=1e-2))))
-    with pytest.raises(ValueError, match="noise_std"):
+    # The pipeline's own settings: (b) and (c) still hold, (a) must run again.
+    path.write_text(json.dumps(_result(preset_config("tiny", noise_std=1e-2,
+                                                     **{"phase3.lr": 1e-3}))))
+    got = reusable_arms(path, base, [0], lrs)
+    assert got["pipeline"] is None and [r["seed"] for r in got["source"]] == [0]
+    # Anything (b) or (c) depends on: refused, naming it.
+    path.write_text(json.dumps(_result(preset_config("tiny", weight_decay=0.0))))
+    with pytest.raises(ValueError, match="weight_decay"):
+        reusable_arms(path, base, [0], lrs)
+    # Another budget (phase 3's steps), though phase 3 is the pipeline's own.
+    path.write_text(json.dumps(_result(preset_config("tiny", **{"phase3.steps": 301}))))
+    with pytest.raises(ValueError, match="budget"):
         reusable_arms(path, base, [0], lrs)
     path.write_text(json.dumps(_result(base)))
     with pytest.raises(ValueError, match="seeds \\[2\\]"):
