@@ -125,6 +125,16 @@ SHARED_FIELDS = ("data", "val_data", "max_stories", "val_fraction", "tokenizer",
                  "dtype")
 
 
+def head_start_at_growth(run: dict, scratch_curve: Curve) -> float | None:
+    """FLOPs (b) needs to reach the loss a pipeline run had at its last growth, minus the
+    FLOPs the run had spent then: the lead a function-preserving growth hands the grown
+    model (None if (b) never reaches that loss)."""
+    g = run["growth_flops"][-1]
+    loss = min(l for f, l in run["curve"] if f <= g)  # the best loss up to the growth
+    reach = flops_to_reach(scratch_curve, loss)
+    return None if reach is None else reach - g
+
+
 def phase_step_flops(cfg: TrainConfig, vocab_size: int) -> dict[int, float]:
     """Training FLOPs of one step of each phase (the pipeline's own count)."""
     tokens = cfg.batch_size * cfg.seq_len
@@ -606,6 +616,14 @@ def main(argv=None) -> dict:
         arm["reaches_scratch_final_by_half_budget"] = half is not None and half <= 0.5
         arm["below_source"] = arm["final_val_loss"]["mean"] < targets["source_final"]
         arm["pays"] = arm["reaches_scratch_final_by_half_budget"] and arm["below_source"]
+        heads = [head_start_at_growth(r, {s["seed"]: s for s in best_runs}[r["seed"]]["curve"])
+                 for r in arm["runs"]]
+        arm["head_start_at_last_growth"] = {
+            "per_seed": heads, "mean": mean_or_none(heads),
+            # If the grown model then learned as (b) does from the same loss, it would
+            # reach (b)'s final loss with this fraction of the budget.
+            "best_case_fraction_to_scratch_final":
+                None if mean_or_none(heads) is None else 1 - mean_or_none(heads) / budget}
     result = {
         "preset": args.preset, "quick": args.quick, "seeds": args.seeds, "data": data_desc,
         "device": device_desc, "budget_flops": budget, "reused_arms_from": args.reuse_arms,
@@ -650,8 +668,12 @@ def main(argv=None) -> dict:
     for name, arm in [("pipeline", arms["pipeline"]), *variant_arms.items()]:
         spikes = "; ".join(f"into {k} {100 * sp['mean']:+.2f}% (max {100 * sp['max']:+.2f}%)"
                            for k, sp in arm["post_growth_spike"].items())
+        h = arm["head_start_at_last_growth"]
+        lead = (f"lead at the last growth {h['mean']:.3g} FLOPs (best case "
+                f"{100 * h['best_case_fraction_to_scratch_final']:.0f}% of budget to (b)'s "
+                "final)" if h["mean"] is not None else "no lead at the last growth")
         print(f"    {names[name]}: phase steps {arm['phase_steps']}, post-growth spike {spikes}; "
-              f"pays (by half of (b)'s FLOPs, below (c)): {arm['pays']}")
+              f"{lead}; pays (by half of (b)'s FLOPs, below (c)): {arm['pays']}")
         if "items" in arm:
             print(f"        {', '.join(arm['items'])}")
     print(f"(b) ends below (c): {result['scratch_below_source']} "

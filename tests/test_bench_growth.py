@@ -140,3 +140,13 @@ def test_growth_head_start_is_the_largest_lead_of_the_small_curve():
     # at 5 (2.0): large at 10, lead 5; at 20 (1.45): 20 + 10 * 0.05 / 0.3, lead 1.67
     assert h["grow_at_flops"] == 10.0 and h["head_start_flops"] == pytest.approx(8.0)
     assert growth_head_start([(0.0, 3.0), (40.0, 2.5)], small) is None
+
+
+def test_head_start_at_growth_reads_the_loss_before_the_last_growth():
+    from growth_vs_scratch import head_start_at_growth
+
+    run = {"growth_flops": [5.0, 10.0],
+           "curve": [(0.0, 3.0), (5.0, 1.8), (10.0, 1.5), (12.0, 1.6), (20.0, 1.2)]}
+    scratch = [(0.0, 3.0), (10.0, 2.0), (20.0, 1.5), (30.0, 1.2)]
+    assert head_start_at_growth(run, scratch) == pytest.approx(10.0)  # 1.5 at 20, grown at 10
+    assert head_start_at_growth(run, [(0.0, 3.0), (30.0, 1.7)]) is None
