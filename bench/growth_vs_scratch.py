@@ -247,14 +247,37 @@ def train_arm(ds, cfg: TrainConfig, model_cfg: ModelConfig, lr: float, budget: f
             "final_val_loss": curve[-1][1], "wall_s": wall}
 
 
-def run_pipeline(cfg: TrainConfig, label: str) -> tuple[dict, dict]:
-    """Runs the pipeline with ``cfg``; (its record for the report, its summary.json)."""
-    print(f"\n=== seed {cfg.seed}: {label} ===", flush=True)
-    code = run(cfg)
-    if code != 0:
-        raise SystemExit(f"{label} (seed {cfg.seed}) failed with exit status {code}")
+def finished_run(cfg: TrainConfig) -> dict | None:
+    """The summary of a completed run of these settings in ``cfg.run_dir``, else None
+    (a comparison cut short picks up its finished runs when given the same ``--out``)."""
     run_dir = Path(cfg.run_dir)
-    summary = json.loads((run_dir / "summary.json").read_text())
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+        stored = json.loads((run_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    want = cfg.to_dict()
+    same = all(stored.get(k) == want[k] for k in want if k not in RUN_ONLY_FIELDS)
+    return summary if same and summary.get("status") == "completed" else None
+
+
+def run_pipeline(cfg: TrainConfig, label: str, must_pass: bool = True) -> tuple[dict, dict]:
+    """Runs the pipeline with ``cfg`` (or reads its finished run); (its record for the
+    report, its summary.json). A failed run stops everything if ``must_pass``, else its
+    record says ``{"seed", "exit_status"}``."""
+    print(f"\n=== seed {cfg.seed}: {label} ===", flush=True)
+    summary = finished_run(cfg)
+    if summary is None:
+        code = run(cfg)
+        if code != 0:
+            if must_pass:
+                raise SystemExit(f"{label} (seed {cfg.seed}) failed with exit status {code}")
+            print(f"{label} (seed {cfg.seed}) failed with exit status {code}", flush=True)
+            return {"seed": cfg.seed, "exit_status": code}, {}
+        summary = json.loads((Path(cfg.run_dir) / "summary.json").read_text())
+    else:
+        print(f"{label}: reusing the finished run in {cfg.run_dir}", flush=True)
+    run_dir = Path(cfg.run_dir)
     records = read_metrics(run_dir / "metrics.jsonl")
     curve = [(r["flops"], r["val_loss"]) for r in records if r["kind"] == "eval"]
     spikes = post_growth_spikes(records, {ph: cfg.phase(ph).steps for ph in (1, 2, 3)})
@@ -303,7 +326,8 @@ def reusable_arms(path: Path, base: TrainConfig, seeds: list[int], lrs: list[flo
         raise ValueError(f"{path} ran other settings: {differ} differ; rerun without it")
     f = phase_step_flops(base, vocab)
     now = sum(getattr(base, ph).steps * f[i + 1] for i, ph in enumerate(PHASES))
-    if not math.isclose(now, budget, rel_tol=1e-9):
+    # The budget to within half a phase-3 step, as fill_budget gives the variants.
+    if abs(now - budget) > f[3] / 2 * (1 + 1e-9):
         raise ValueError(f"{path} had a budget of {budget:.4g} FLOPs, these settings spend "
                          f"{now:.4g}: give phase 3 the steps that spend the same")
     if sorted(float(lr) for lr in sweep) != sorted(lrs):
@@ -324,9 +348,9 @@ def reusable_arms(path: Path, base: TrainConfig, seeds: list[int], lrs: list[flo
             "budget": budget, "data": prev["data"], "device": prev["device"]}
 
 
-def pipeline_task(cfg: dict, label: str) -> tuple[dict, dict]:
+def pipeline_task(cfg: dict, label: str, must_pass: bool = True) -> tuple[dict, dict]:
     """One pipeline run (picklable arguments, for a worker process)."""
-    return run_pipeline(TrainConfig.from_dict(cfg), label)
+    return run_pipeline(TrainConfig.from_dict(cfg), label, must_pass)
 
 
 def arm_task(model_cfg: dict, lr: float, label: str, cfg: dict, budget: float, n_evals: int,
@@ -558,7 +582,8 @@ def main(argv=None) -> dict:
                 vcfg = fill_budget(vcfg, source_cfg.vocab_size, budget)
             except ValueError as e:
                 raise SystemExit(f"--variant {name}: {e}") from None
-            tasks.append((pipeline_task, (seed_cfg(vcfg, seed, name), f"(a) variant {name}")))
+            tasks.append((pipeline_task, (seed_cfg(vcfg, seed, name), f"(a) variant {name}",
+                                          False)))
             keys.append(("variant", name, seed))
         if reused is not None:
             continue
@@ -595,8 +620,14 @@ def main(argv=None) -> dict:
                    "final_val_loss": stats([r["final_val_loss"] for r in source_runs]),
                    "model_config": source_cfg.to_dict()},
     }
+    # A recipe whose run failed on a seed (a growth check, a NaN loss) is reported as
+    # failed, without figures: the comparison needs every seed.
+    failed_variants = {name: {"items": items, "failed": {
+        str(r["seed"]): r["exit_status"] for r in variant_runs[name] if "exit_status" in r}}
+        for name, (items, _) in variants.items()}
+    failed_variants = {k: v for k, v in failed_variants.items() if v["failed"]}
     variant_arms = {name: {"items": items, **pipeline_arm(variant_runs[name])}
-                    for name, (items, _) in variants.items()}
+                    for name, (items, _) in variants.items() if name not in failed_variants}
     targets = {"scratch_final": arms["scratch"]["final_val_loss"]["mean"],
                "source_final": arms["source"]["final_val_loss"]["mean"]}
     for name, arm in [*arms.items(), *variant_arms.items()]:
@@ -629,7 +660,8 @@ def main(argv=None) -> dict:
         "device": device_desc, "budget_flops": budget, "reused_arms_from": args.reuse_arms,
         "config": base.to_dict(), "overrides": {k: str(v) for k, v in overrides.items()},
         "set": list(args.set),
-        "arms": arms, "variants": variant_arms, "targets": targets,
+        "arms": arms, "variants": variant_arms, "failed_variants": failed_variants,
+        "targets": targets,
         "scratch_below_source": targets["scratch_final"] < targets["source_final"],
         "pipeline_below_source": arms["pipeline"]["final_val_loss"]["mean"]
         < targets["source_final"],
@@ -676,6 +708,9 @@ def main(argv=None) -> dict:
               f"{lead}; pays (by half of (b)'s FLOPs, below (c)): {arm['pays']}")
         if "items" in arm:
             print(f"        {', '.join(arm['items'])}")
+    for name, v in failed_variants.items():
+        print(f"    (a) variant {name} FAILED (exit status by seed {v['failed']}): "
+              f"{', '.join(v['items'])}")
     print(f"(b) ends below (c): {result['scratch_below_source']} "
           f"({'growth can pay here' if result['scratch_below_source'] else 'below the crossover: the small model is the better use of this budget'})")
 

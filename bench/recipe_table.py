@@ -1,0 +1,54 @@
+"""Markdown table of the growth recipes in results of ``growth_vs_scratch.py --variant``.
+
+    python bench/recipe_table.py bench/results/growth_vs_scratch_micro_embedded_recipes*.json
+
+One row per recipe (the first file's default pipeline, then every variant), best final
+validation loss first; every file must share arms (b) and (c) (``--reuse-arms``), whose
+figures head the table. Failed recipes are listed after it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def table(paths: list[Path]) -> str:
+    results = [json.loads(p.read_text()) for p in paths]
+    first = results[0]
+    for p, r in zip(paths[1:], results[1:]):
+        if r["arms"]["scratch"]["runs"] != first["arms"]["scratch"]["runs"]:
+            raise SystemExit(f"{p}: its arm (b) differs from {paths[0]}'s; run with --reuse-arms")
+    b, c = (first["arms"][k]["final_val_loss"] for k in ("scratch", "source"))
+    b_seed = {x["seed"]: x["final_val_loss"] for x in first["arms"]["scratch"]["runs"]}
+    rows, failed = [], []
+    arms = [("the pipeline's settings in " + paths[0].name, first["arms"]["pipeline"])]
+    for r in results:
+        arms += [(", ".join(a["items"]), a) for a in r.get("variants", {}).values()]
+        failed += [f"- {', '.join(v['items'])}: failed (exit status by seed {v['failed']})"
+                   for v in r.get("failed_variants", {}).values()]
+    for name, a in arms:
+        f, t = a["final_val_loss"], a["flops_to_target"]["scratch_final"]
+        spike = a["post_growth_spike"]["phase3"]
+        to_b = (f"{100 * t['fraction_of_budget']:.0f}%" if t["fraction_of_budget"] is not None
+                else f"{t['seeds_reached']}/{len(t['per_seed'])} seeds")
+        minus_b = " / ".join(f"{x['final_val_loss'] - b_seed[x['seed']]:+.3f}" for x in a["runs"])
+        rows.append((f["mean"], f"| {name} | {f['mean']:.4f} +- {f['std']:.4f} | {minus_b} | "
+                                f"{to_b} | {100 * spike['mean']:+.1f}% (max {100 * spike['max']:+.1f}%) |"))
+    seeds = " / ".join(str(x["seed"]) for x in first["arms"]["scratch"]["runs"])
+    lines = [f"Preset {first['preset']}, budget {first['budget_flops']:.3g} training FLOPs, seeds "
+             f"{seeds}: (b) from scratch (lr {first['arms']['scratch']['best_lr']:g}) "
+             f"{b['mean']:.4f} +- {b['std']:.4f}; (c) no growth {c['mean']:.4f} +- {c['std']:.4f}.",
+             "",
+             f"| recipe | final validation loss | minus (b)'s, seed {seeds} | FLOPs to (b)'s "
+             "final | loss spike after widening |",
+             "|---|---|---|---|---|"]
+    lines += [row for _, row in sorted(rows)]
+    return "\n".join(lines + ([""] + failed if failed else [])) + "\n"
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        raise SystemExit(__doc__)
+    sys.stdout.write(table([Path(a) for a in sys.argv[1:]]))
