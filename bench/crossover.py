@@ -33,15 +33,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS_DIR, atomic_write_text, device_label, device_slug  # noqa: E402
-from growth_vs_scratch import QUICK, Evaluator, train_arm  # noqa: E402
+from growth_vs_scratch import QUICK, Evaluator, finish_plot, train_arm, with_fields  # noqa: E402
 
-from growkit.train.config import (  # noqa: E402
-    PRESETS,
-    TrainConfig,
-    legacy_to_nested,
-    parse_args,
-    preset_config,
-)
+from growkit.train.config import PRESETS, TrainConfig, preset_config  # noqa: E402
 from growkit.train.data import prepare_data  # noqa: E402
 
 
@@ -112,16 +106,10 @@ def plot(result: dict, path: Path) -> bool:
     low = min(loss for r in runs for _, loss in r["curve"])
     high = max(r["curve"][-1][1] for r in runs)
     ax.set_ylim(low - 0.03, high + 0.5)
-    ax.set_xlabel("training FLOPs")
-    ax.set_ylabel("validation loss (nats/token)")
     ax.set_title(f"crossover, preset {result['preset']} {' '.join(result.get('set', []))}: "
                  f"{result['schedule']} learning rate "
                  f"after warmup\n{result['data'][:110]}", fontsize=8)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    finish_plot(fig, ax, path)
     return True
 
 
@@ -164,15 +152,10 @@ def main(argv=None) -> dict:
     if args.data:
         overrides["data"] = args.data
     base = preset_config(args.preset, **overrides)
-    flags: list[str] = []
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        flags += [f"--{key.strip()}", value.strip()] if sep else [f"--{key.strip()}"]
-    if flags:  # parsed as the pipeline parses its flags (tyro)
-        try:
-            base = parse_args(legacy_to_nested(flags), base, prog="--set").cfg
-        except (TypeError, ValueError) as e:
-            p.error(f"--set: {e}")
+    try:
+        base = with_fields(base, args.set, "--set")
+    except (TypeError, ValueError) as e:
+        p.error(f"--set: {e}")
     if base.threads > 0:
         torch.set_num_threads(base.threads)
     device = torch.device("cuda" if base.device in ("cuda", "auto")

@@ -158,6 +158,29 @@ def fill_budget(cfg: TrainConfig, vocab_size: int, budget: float) -> TrainConfig
     return TrainConfig.from_dict({"phase3": {"steps": steps3}}, base=cfg)
 
 
+def with_fields(base: TrainConfig, items: list[str], prog: str) -> TrainConfig:
+    """``base`` with ``FIELD=VALUE`` items (``FIELD`` alone: a switch) applied as the
+    pipeline applies its flags ``--FIELD VALUE`` (tyro)."""
+    flags: list[str] = []
+    for item in items:
+        key, eq, value = item.partition("=")
+        flags += [f"--{key.strip()}", value.strip()] if eq else [f"--{key.strip()}"]
+    return parse_args(legacy_to_nested(flags), base, prog=prog).cfg if flags else base
+
+
+def finish_plot(fig, ax, path: Path) -> None:
+    """Labels, grid and legend of a loss-against-FLOPs plot; saves it to ``path``."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel("training FLOPs")
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def parse_variant(text: str, base: TrainConfig) -> tuple[str, list[str], TrainConfig]:
     """``NAME:FIELD=VALUE[,FIELD=VALUE...]`` -> (name, the items, ``base`` changed).
 
@@ -171,11 +194,7 @@ def parse_variant(text: str, base: TrainConfig) -> tuple[str, list[str], TrainCo
     if not sep or not name or not items or not name.replace("-", "").replace("_", "").isalnum():
         raise ValueError(f"--variant {text!r}: write NAME:FIELD=VALUE[,FIELD=VALUE...] with a "
                          "plain name, e.g. late:phase1.steps=3000,phase3.lr=1e-3")
-    flags: list[str] = []
-    for item in items:
-        key, eq, value = item.partition("=")
-        flags += [f"--{key.strip()}", value.strip()] if eq else [f"--{key.strip()}"]
-    cfg = parse_args(legacy_to_nested(flags), base, prog=f"--variant {name}").cfg
+    cfg = with_fields(base, items, f"--variant {name}")
     changed = [k for k in SHARED_FIELDS if getattr(cfg, k) != getattr(base, k)]
     if changed:
         raise ValueError(f"--variant {name}: {changed} must stay as in the default pipeline "
@@ -441,16 +460,10 @@ def plot(result: dict, path: Path) -> bool:
     lows = [arms[a]["final_val_loss"]["min"] for a in ("pipeline", "source")] + [target]
     if tops:
         ax.set_ylim(min(lows) - 0.03 * abs(min(lows)), max(tops) * 1.02)
-    ax.set_xlabel("training FLOPs")
-    ax.set_ylabel("validation loss (nats/token)")
     ax.set_title(f"growth vs scratch vs no growth: {result['preset']}"
                  f"{' (quick)' if result['quick'] else ''}, seeds {result['seeds']}\n"
                  f"{textwrap.fill(result['data'], 110)}", fontsize=8)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    finish_plot(fig, ax, path)
     return True
 
 
@@ -495,21 +508,16 @@ def main(argv=None) -> dict:
         p.error("--seeds: give at least 2 different seeds (the report needs a spread)")
 
     overrides: dict[str, Any] = dict(QUICK) if args.quick else {}
-    flags: list[str] = []
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        flags += [f"--{key.strip()}", value.strip()] if sep else [f"--{key.strip()}"]
     if args.data:
         overrides["data"] = args.data
     if args.val_data:
         overrides["val_data"] = args.val_data
     overrides.update(plot=False, progress=False)
     base = preset_config(args.preset, **overrides)
-    if flags:  # parsed as the pipeline parses its flags (tyro)
-        try:
-            base = parse_args(legacy_to_nested(flags), base, prog="--set").cfg
-        except (TypeError, ValueError) as e:
-            p.error(f"--set: {e}")
+    try:
+        base = with_fields(base, args.set, "--set")
+    except (TypeError, ValueError) as e:
+        p.error(f"--set: {e}")
     lr1 = base.phase1.lr
     lrs = sorted(args.scratch_lrs or [lr1 / 3, lr1, lr1 * 3])
     if len(lrs) < 3:
