@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 
 def free_port() -> int:
@@ -50,11 +51,12 @@ def spawn_ranks(script: str, out: str | os.PathLike, world: int, timeout: float)
     return [p.returncode for p in procs], logs
 
 
-def run_scenarios(out_dir: str | os.PathLike, scenarios: dict) -> int:
+def run_scenarios(out_dir: str | os.PathLike, scenarios: dict) -> NoReturn:
     """The worker's side: joins the gloo group, runs ``scenarios`` (name -> callable(rank) ->
     JSON-able dict) in order, writes ``OUT/rank<r>.json`` (each result, ``<name>_seconds``,
-    and the traceback of a failure), returns the exit status. After a failure the remaining
-    scenarios are not run: their collectives would wait for a rank that has left them."""
+    and the traceback of a failure) and ends the process with the exit status. After a
+    failure the remaining scenarios are not run: their collectives would wait for a rank
+    that has left them."""
     import json
     import traceback
     from datetime import timedelta
@@ -77,8 +79,16 @@ def run_scenarios(out_dir: str | os.PathLike, scenarios: dict) -> int:
     finally:
         (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(results))
         if code == 0:
+            # Every rank past its last collective before any tears the group down.
+            dist.barrier()
             dist.destroy_process_group()
-    return code
+    # NOTE: a plain exit runs torch's C++ teardown, which once aborted a rank ("terminate
+    # called without an active exception", exit status -6) after every result was written
+    # and the group destroyed (CI, both cores busy with other work): the results are all
+    # in rank<r>.json by now, so leave without that teardown, keeping the exit status.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def run_ranks(script: str, out: str | os.PathLike, world: int, timeout: float) -> tuple[list[dict], str]:
