@@ -33,9 +33,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS_DIR, atomic_write_text, device_label, device_slug  # noqa: E402
-from growth_vs_scratch import QUICK, Evaluator, finish_plot, train_arm, with_fields  # noqa: E402
+from growth_vs_scratch import (  # noqa: E402
+    Evaluator,
+    add_config_arguments,
+    config_from_arguments,
+    finish_plot,
+    train_arm,
+)
 
-from growkit.train.config import PRESETS, TrainConfig, preset_config  # noqa: E402
+from growkit.train.config import TrainConfig  # noqa: E402
 from growkit.train.data import prepare_data  # noqa: E402
 
 
@@ -116,21 +122,16 @@ def plot(result: dict, path: Path) -> bool:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
-    p.add_argument("--quick", action="store_true", help="growth_vs_scratch's --quick model")
+    add_config_arguments(p)
     p.add_argument("--budget", type=float, default=None, help="training FLOPs per arm")
     p.add_argument("--analyze", metavar="JSON", default=None,
                    help="train nothing: analyze the curves of an earlier result again and "
                         "rewrite it and its plot")
-    p.add_argument("--data", default=None, help="'embedded' (default), 'hf' or a .txt path")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--scratch-lrs", type=float, nargs="+", default=None,
                    help="peak rates of the large model (default: the phase-1 rate)")
     p.add_argument("--source-lrs", type=float, nargs="+", default=None,
                    help="peak rates of the small model (default: the phase-1 rate)")
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override a TrainConfig field as the pipeline's flag --FIELD VALUE "
-                        "(d-model=32, n-layers=2; repeatable)")
     p.add_argument("--name", default="", help="suffix of the result files")
     p.add_argument("--schedule", default="constant", choices=("constant", "cosine"))
     p.add_argument("--n-evals", type=int, default=40)
@@ -147,15 +148,7 @@ def main(argv=None) -> dict:
     if args.budget is None or not args.budget > 0:
         p.error("--budget: give a positive number of training FLOPs, e.g. 5e13")
 
-    overrides = dict(QUICK) if args.quick else {}
-    overrides.update(schedule=args.schedule, plot=False, progress=False)
-    if args.data:
-        overrides["data"] = args.data
-    base = preset_config(args.preset, **overrides)
-    try:
-        base = with_fields(base, args.set, "--set")
-    except (TypeError, ValueError) as e:
-        p.error(f"--set: {e}")
+    base, _ = config_from_arguments(p, args, schedule=args.schedule)
     if base.threads > 0:
         torch.set_num_threads(base.threads)
     device = torch.device("cuda" if base.device in ("cuda", "auto")

@@ -63,7 +63,6 @@ from common import RESULTS_DIR, atomic_write_text, device_label  # noqa: E402
 
 from growkit.models import ModelConfig, Transformer  # noqa: E402
 from growkit.train.config import (  # noqa: E402
-    PHASES,
     PRESETS,
     TrainConfig,
     legacy_to_nested,
@@ -142,6 +141,12 @@ def phase_step_flops(cfg: TrainConfig, vocab_size: int) -> dict[int, float]:
             for p in (1, 2, 3)}
 
 
+def pipeline_flops(cfg: TrainConfig, vocab_size: int) -> float:
+    """Training FLOPs of the whole pipeline with ``cfg`` (every phase's steps)."""
+    f = phase_step_flops(cfg, vocab_size)
+    return sum(cfg.phase(p).steps * f[p] for p in (1, 2, 3))
+
+
 def fill_budget(cfg: TrainConfig, vocab_size: int, budget: float) -> TrainConfig:
     """``cfg`` with as many phase-3 steps as bring its training FLOPs nearest ``budget``.
 
@@ -166,6 +171,33 @@ def with_fields(base: TrainConfig, items: list[str], prog: str) -> TrainConfig:
         key, eq, value = item.partition("=")
         flags += [f"--{key.strip()}", value.strip()] if eq else [f"--{key.strip()}"]
     return parse_args(legacy_to_nested(flags), base, prog=prog).cfg if flags else base
+
+
+def add_config_arguments(p: argparse.ArgumentParser) -> None:
+    """--preset, --quick, --data and --set: the settings the bench scripts start from."""
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    p.add_argument("--quick", action="store_true",
+                   help="a small model and a few hundred steps (smoke test, ~2 min on a CPU)")
+    p.add_argument("--data", default=None, help="'embedded' (default), 'hf' or a .txt path")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a TrainConfig field of the pipeline, as the pipeline's "
+                        "flag --FIELD VALUE (phase1.steps=100, d-model=96; FIELD alone: a "
+                        "switch such as reset-optimizer or no-plot; repeatable)")
+
+
+def config_from_arguments(p: argparse.ArgumentParser, args: argparse.Namespace,
+                          **overrides: Any) -> tuple[TrainConfig, dict[str, Any]]:
+    """The preset (``--quick``'s model if asked) with ``overrides``, ``--data`` and then
+    ``--set`` applied, no plot and no progress bars; (that config, the overrides)."""
+    overrides = {**(QUICK if args.quick else {}), **overrides}
+    if args.data:
+        overrides["data"] = args.data
+    overrides.update(plot=False, progress=False)
+    base = preset_config(args.preset, **overrides)
+    try:
+        return with_fields(base, args.set, "--set"), overrides
+    except (TypeError, ValueError) as e:
+        p.error(f"--set: {e}")
 
 
 def finish_plot(fig, ax, path: Path) -> None:
@@ -266,6 +298,16 @@ def train_arm(ds, cfg: TrainConfig, model_cfg: ModelConfig, lr: float, budget: f
             "final_val_loss": curve[-1][1], "wall_s": wall}
 
 
+#: Fields that do not change what a run computes (where it writes, what it shows).
+RUN_ONLY_FIELDS = ("out_dir", "run_dir", "name", "progress", "plot", "threads",
+                   "checkpoint_every", "keep_checkpoints", "token_cache_dir")
+#: Fields that change the pipeline's run but neither arm (b) nor arm (c): what happens
+#: at and after the growths (the budget is checked on its own).
+PIPELINE_ONLY_FIELDS = ("phase2", "phase3", "noise_std", "reset_optimizer", "router_init",
+                        "train_after_growth", "depth_mode", "check_tolerance", "val_tolerance",
+                        "probe_batch_size", "continue_on_failed_check", "post_growth_evals")
+
+
 def finished_run(cfg: TrainConfig) -> dict | None:
     """The summary of a completed run of these settings in ``cfg.run_dir``, else None
     (a comparison cut short picks up its finished runs when given the same ``--out``)."""
@@ -311,16 +353,6 @@ def run_pipeline(cfg: TrainConfig, label: str, must_pass: bool = True) -> tuple[
             "wall_s": summary["wall_time_s"]}, summary
 
 
-#: Fields that do not change what a run computes (where it writes, what it shows).
-RUN_ONLY_FIELDS = ("out_dir", "run_dir", "name", "progress", "plot", "threads",
-                   "checkpoint_every", "keep_checkpoints", "token_cache_dir")
-#: Fields that change the pipeline's run but neither arm (b) nor arm (c): what happens
-#: at and after the growths (the budget is checked on its own).
-PIPELINE_ONLY_FIELDS = ("phase2", "phase3", "noise_std", "reset_optimizer", "router_init",
-                        "train_after_growth", "depth_mode", "check_tolerance", "val_tolerance",
-                        "probe_batch_size", "continue_on_failed_check", "post_growth_evals")
-
-
 def reusable_arms(path: Path, base: TrainConfig, seeds: list[int], lrs: list[float]) -> dict:
     """Arms (b) and (c) of an earlier result JSON for ``seeds``, if it ran the same
     settings (every field but :data:`RUN_ONLY_FIELDS` and :data:`PIPELINE_ONLY_FIELDS`),
@@ -343,10 +375,9 @@ def reusable_arms(path: Path, base: TrainConfig, seeds: list[int], lrs: list[flo
                     if k not in RUN_ONLY_FIELDS and want.get(k) != config.get(k))
     if [k for k in differ if k not in PIPELINE_ONLY_FIELDS]:
         raise ValueError(f"{path} ran other settings: {differ} differ; rerun without it")
-    f = phase_step_flops(base, vocab)
-    now = sum(getattr(base, ph).steps * f[i + 1] for i, ph in enumerate(PHASES))
+    now = pipeline_flops(base, vocab)
     # The budget to within half a phase-3 step, as fill_budget gives the variants.
-    if abs(now - budget) > f[3] / 2 * (1 + 1e-9):
+    if abs(now - budget) > phase_step_flops(base, vocab)[3] / 2 * (1 + 1e-9):
         raise ValueError(f"{path} had a budget of {budget:.4g} FLOPs, these settings spend "
                          f"{now:.4g}: give phase 3 the steps that spend the same")
     if sorted(float(lr) for lr in sweep) != sorted(lrs):
@@ -470,19 +501,12 @@ def plot(result: dict, path: Path) -> bool:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
-    p.add_argument("--quick", action="store_true",
-                   help="a small model and a few hundred steps (smoke test, ~2 min on a CPU)")
-    p.add_argument("--data", default=None, help="'embedded' (default), 'hf' or a .txt path")
+    add_config_arguments(p)
     p.add_argument("--val-data", default=None, help="separate validation .txt file")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--scratch-lrs", type=float, nargs="+", default=None,
                    help="peak learning rates of arm (b)'s sweep (default: the phase-1 rate "
                         "x 1/3, 1, 3)")
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override a TrainConfig field of the pipeline, as the pipeline's "
-                        "flag --FIELD VALUE (phase1.steps=100, d-model=96; FIELD alone: a "
-                        "switch such as reset-optimizer or no-plot; repeatable)")
     p.add_argument("--variant", action="append", default=[],
                    metavar="NAME:FIELD=VALUE[,FIELD=VALUE...]",
                    help="another growth recipe, run with every seed against the same arms (b) "
@@ -507,17 +531,8 @@ def main(argv=None) -> dict:
     if len(set(args.seeds)) < 2:
         p.error("--seeds: give at least 2 different seeds (the report needs a spread)")
 
-    overrides: dict[str, Any] = dict(QUICK) if args.quick else {}
-    if args.data:
-        overrides["data"] = args.data
-    if args.val_data:
-        overrides["val_data"] = args.val_data
-    overrides.update(plot=False, progress=False)
-    base = preset_config(args.preset, **overrides)
-    try:
-        base = with_fields(base, args.set, "--set")
-    except (TypeError, ValueError) as e:
-        p.error(f"--set: {e}")
+    base, overrides = config_from_arguments(
+        p, args, **({"val_data": args.val_data} if args.val_data else {}))
     lr1 = base.phase1.lr
     lrs = sorted(args.scratch_lrs or [lr1 / 3, lr1, lr1 * 3])
     if len(lrs) < 3:
@@ -535,6 +550,10 @@ def main(argv=None) -> dict:
     scratch: dict[float, list[dict]] = {lr: [] for lr in lrs}
     source_runs: list[dict] = []
     variants: dict[str, tuple[list[str], TrainConfig]] = {}
+    # Before any training: the default pipeline's budget, counted as it counts it (the
+    # vocabulary of a BPE tokenizer may end smaller; fill_budget reruns with the real one).
+    vocab = 257 if base.tokenizer == "byte" else base.bpe_vocab_size
+    planned_budget = pipeline_flops(base, vocab)
     for text in args.variant:
         try:
             name, items, vcfg = parse_variant(text, base)
@@ -542,17 +561,13 @@ def main(argv=None) -> dict:
             p.error(str(e))
         if name in variants or name in ("pipeline", "scratch", "source"):
             p.error(f"--variant {name}: the name is taken; give each variant its own")
-        # Before any training: the default pipeline's budget, counted as it counts it (the
-        # vocabulary of a BPE tokenizer may end smaller; fill_budget reruns with the real one).
-        vocab = 257 if base.tokenizer == "byte" else base.bpe_vocab_size
-        f = phase_step_flops(base, vocab)
         try:
-            fill_budget(vcfg, vocab, sum(getattr(base, ph).steps * f[i + 1]
-                                         for i, ph in enumerate(PHASES)))
+            fill_budget(vcfg, vocab, planned_budget)
         except ValueError as e:
             p.error(f"--variant {name}: {e}")
         variants[name] = (items, vcfg)
     variant_runs: dict[str, list[dict]] = {name: [] for name in variants}
+
     def seed_cfg(cfg: TrainConfig, seed: int, name: str) -> dict:
         return TrainConfig.from_dict({"seed": seed, "out_dir": str(out_dir),
                                       "run_dir": str(out_dir / f"{name}-seed{seed}")},
