@@ -21,11 +21,15 @@ spends):
 
 ``--variant NAME:FIELD=VALUE,...`` adds other growth recipes to arm (a), each run with
 every seed against the same (b) and (c): when to grow (``phase1.steps``), the learning
-rate and warmup after growth (``phase3.lr``, ``phase3.warmup_frac``), ``noise_std``,
-``reset_optimizer``, the growth factors... Phase 3 of a variant gets as many steps as
-spend the default pipeline's FLOPs, so every arm still has the same budget. A recipe
-*pays* (issue 10's goal) when it reaches (b)'s final loss with at most half of (b)'s FLOPs
-and ends below (c).
+rate and warmup after growth (``phase3.lr``, ``phase3.warmup_frac``), the schedule
+before it (``phase1.min_lr_ratio=1``: no decay before the growth), ``noise_std``,
+``reset_optimizer``, a smaller source with larger growth factors (``d_model``,
+``n_heads``, ``d_ff``, ``scale_factor``, ``n_layers``, ``extra_layers``, as long as the grown
+model is still (b)'s architecture)... Phase 3 of a variant gets as many steps as
+spend the default pipeline's FLOPs, so every arm still has the same budget, or, with
+``budget=F``, that fraction of it (a shorter run with its whole schedule: what a user
+with only that much compute would run). A recipe *pays* (issue 10's goal) when it
+reaches (b)'s final loss with at most half of (b)'s FLOPs and ends below (c).
 
 Each arm runs with every seed (``--seeds``, at least 2; the seed sets the init, the data
 split and the batches, shared by the arms of that seed). The report gives each arm's
@@ -65,6 +69,7 @@ from growkit.models import ModelConfig, Transformer  # noqa: E402
 from growkit.train.config import (  # noqa: E402
     PRESETS,
     TrainConfig,
+    flatten_config,
     legacy_to_nested,
     parse_args,
     preset_config,
@@ -213,12 +218,18 @@ def finish_plot(fig, ax, path: Path) -> None:
     plt.close(fig)
 
 
-def parse_variant(text: str, base: TrainConfig) -> tuple[str, list[str], TrainConfig]:
-    """``NAME:FIELD=VALUE[,FIELD=VALUE...]`` -> (name, the items, ``base`` changed).
+def parse_variant(text: str, base: TrainConfig) -> tuple[str, list[str], TrainConfig, float]:
+    """``NAME:FIELD=VALUE[,FIELD=VALUE...]`` -> (name, the items, ``base`` changed, the
+    fraction of the budget the recipe spends).
+
+    ``budget=F`` (F in (0, 1]) is not a field: the recipe's phase 3 is cut to spend that
+    fraction of the default pipeline's FLOPs, with its whole schedule (warmup and decay)
+    inside it, so a recipe can be asked to reach (b)'s final loss with less compute, as a
+    run that had only that budget would. Without it F is 1.
 
     Raises:
         ValueError: A missing name or item, a bad field or value (the pipeline's own
-            message), or a field of :data:`SHARED_FIELDS`.
+            message), a budget outside (0, 1], or a field of :data:`SHARED_FIELDS`.
     """
     name, sep, rest = text.partition(":")
     name = name.strip()
@@ -226,12 +237,26 @@ def parse_variant(text: str, base: TrainConfig) -> tuple[str, list[str], TrainCo
     if not sep or not name or not items or not name.replace("-", "").replace("_", "").isalnum():
         raise ValueError(f"--variant {text!r}: write NAME:FIELD=VALUE[,FIELD=VALUE...] with a "
                          "plain name, e.g. late:phase1.steps=3000,phase3.lr=1e-3")
-    cfg = with_fields(base, items, f"--variant {name}")
+    fraction = 1.0
+    fields = []
+    for item in items:
+        key, _, value = item.partition("=")
+        if key.strip() != "budget":
+            fields.append(item)
+            continue
+        try:
+            fraction = float(value)
+        except ValueError:
+            fraction = math.nan
+        if not 0 < fraction <= 1:
+            raise ValueError(f"--variant {name}: budget={value.strip()!r} must be a fraction "
+                             "of the default pipeline's FLOPs in (0, 1], e.g. budget=0.5")
+    cfg = with_fields(base, fields, f"--variant {name}")
     changed = [k for k in SHARED_FIELDS if getattr(cfg, k) != getattr(base, k)]
     if changed:
         raise ValueError(f"--variant {name}: {changed} must stay as in the default pipeline "
                          "(arms (b) and (c) share its data, batches and validation windows)")
-    return name, items, cfg
+    return name, items, cfg, fraction
 
 
 # ---------------------------------------------------------------------------
@@ -260,14 +285,21 @@ class Evaluator:
         return total / count
 
 
+def arm_schedule(cfg: TrainConfig, steps: int, lr: float) -> TrainConfig:
+    """The schedule of an arm without growth (its phase 1, read by ``lr_at``): the
+    pipeline's phase-1 warmup fraction and cosine/constant over the arm's ``steps``, at peak
+    rate ``lr``, decaying to the run's floor. A phase-1 floor of its own (1 holds the rate
+    until a growth) belongs to the pipeline: an arm that never grows still decays."""
+    return TrainConfig.from_dict({"phase1": {"steps": steps, "lr": lr, "min_lr_ratio": None}},
+                                 base=cfg)
+
+
 def train_arm(ds, cfg: TrainConfig, model_cfg: ModelConfig, lr: float, budget: float,
               evaluate: Evaluator, device: torch.device, n_evals: int, label: str) -> dict:
     """Trains ``model_cfg`` from ``cfg.seed``'s init for ``budget`` FLOPs; the curve."""
     per_step = training_flops_per_token(model_cfg, cfg.seq_len) * cfg.batch_size * cfg.seq_len
     steps = max(1, int(budget // per_step))
-    # The pipeline's phase-1 schedule (warmup fraction, cosine/constant, floor) over the
-    # arm's whole run, at peak rate ``lr``.
-    sched = TrainConfig.from_dict({"phase1": {"steps": steps, "lr": lr}}, base=cfg)
+    sched = arm_schedule(cfg, steps, lr)
     model = Transformer(model_cfg)
     model.init_weights(seed=cfg.seed)
     model = model.to(device).train()
@@ -302,8 +334,10 @@ def train_arm(ds, cfg: TrainConfig, model_cfg: ModelConfig, lr: float, budget: f
 RUN_ONLY_FIELDS = ("out_dir", "run_dir", "name", "progress", "plot", "threads",
                    "checkpoint_every", "keep_checkpoints", "token_cache_dir")
 #: Fields that change the pipeline's run but neither arm (b) nor arm (c): what happens
-#: at and after the growths (the budget is checked on its own).
-PIPELINE_ONLY_FIELDS = ("phase2", "phase3", "noise_std", "reset_optimizer", "router_init",
+#: at and after the growths (the budget is checked on its own); a phase's name covers
+#: all of its settings. Phase 1's floor is the pipeline's only (train_arm decays to the
+#: run's floor).
+PIPELINE_ONLY_FIELDS = ("phase1.min_lr_ratio", "phase2", "phase3", "noise_std", "reset_optimizer", "router_init",
                         "train_after_growth", "depth_mode", "check_tolerance", "val_tolerance",
                         "probe_batch_size", "continue_on_failed_check", "post_growth_evals")
 
@@ -367,13 +401,16 @@ def reusable_arms(path: Path, base: TrainConfig, seeds: list[int], lrs: list[flo
         arms, config = prev["arms"], prev["config"]
         sweep, budget = arms["scratch"]["sweep"], float(prev["budget_flops"])
         vocab = int(arms["source"]["model_config"]["vocab_size"])
+        # Through TrainConfig: a field added since that run reads as its default.
+        config = flatten_config(TrainConfig.from_dict(config).to_dict())
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{path} is not a result of this script ({type(e).__name__}: {e})") \
             from None
-    want = base.to_dict()
+    want = flatten_config(base.to_dict())
     differ = sorted(k for k in set(want) | set(config)
                     if k not in RUN_ONLY_FIELDS and want.get(k) != config.get(k))
-    if [k for k in differ if k not in PIPELINE_ONLY_FIELDS]:
+    if [k for k in differ
+            if k not in PIPELINE_ONLY_FIELDS and k.partition(".")[0] not in PIPELINE_ONLY_FIELDS]:
         raise ValueError(f"{path} ran other settings: {differ} differ; rerun without it")
     now = pipeline_flops(base, vocab)
     # The budget to within half a phase-3 step, as fill_budget gives the variants.
@@ -543,29 +580,36 @@ def main(argv=None) -> dict:
     if args.jobs > 1 and base.threads == 0:  # no oversubscription of the cores
         base = TrainConfig.from_dict({"threads": max(1, (os.cpu_count() or 1) // args.jobs)},
                                      base=base)
-    out_dir = Path(args.out or tempfile.mkdtemp(prefix="growth_vs_scratch_"))
-    t_start = time.perf_counter()
 
     pipe_runs: list[dict] = []
     scratch: dict[float, list[dict]] = {lr: [] for lr in lrs}
     source_runs: list[dict] = []
-    variants: dict[str, tuple[list[str], TrainConfig]] = {}
+    variants: dict[str, tuple[list[str], TrainConfig, float]] = {}
     # Before any training: the default pipeline's budget, counted as it counts it (the
     # vocabulary of a BPE tokenizer may end smaller; fill_budget reruns with the real one).
     vocab = 257 if base.tokenizer == "byte" else base.bpe_vocab_size
     planned_budget = pipeline_flops(base, vocab)
     for text in args.variant:
         try:
-            name, items, vcfg = parse_variant(text, base)
+            name, items, vcfg, fraction = parse_variant(text, base)
         except (TypeError, ValueError) as e:
             p.error(str(e))
         if name in variants or name in ("pipeline", "scratch", "source"):
             p.error(f"--variant {name}: the name is taken; give each variant its own")
         try:
-            fill_budget(vcfg, vocab, planned_budget)
+            fill_budget(vcfg, vocab, fraction * planned_budget)
         except ValueError as e:
             p.error(f"--variant {name}: {e}")
-        variants[name] = (items, vcfg)
+        # Another source model or other growth factors are recipes too, as long as they
+        # grow into (b)'s architecture: (b) is the target every recipe is measured against.
+        grown, target = (c.model_config(vocab, phase=3).to_dict() for c in (vcfg, base))
+        if grown != target:
+            diff = ", ".join(f"{k} {grown[k]} (not {target[k]})" for k in target
+                             if grown[k] != target[k])
+            p.error(f"--variant {name}: its grown model differs from arm (b)'s: {diff}; change "
+                    "the source model and the growth factors together (e.g. d-model=16,"
+                    "n-heads=1,d-ff=44,scale-factor=4 where the preset has d32, 2 heads)")
+        variants[name] = (items, vcfg, fraction)
     variant_runs: dict[str, list[dict]] = {name: [] for name in variants}
 
     def seed_cfg(cfg: TrainConfig, seed: int, name: str) -> dict:
@@ -573,6 +617,8 @@ def main(argv=None) -> dict:
                                       "run_dir": str(out_dir / f"{name}-seed{seed}")},
                                      base=cfg).to_dict()
 
+    out_dir = Path(args.out or tempfile.mkdtemp(prefix="growth_vs_scratch_"))
+    t_start = time.perf_counter()
     reused = None
     if args.reuse_arms:
         try:
@@ -600,9 +646,9 @@ def main(argv=None) -> dict:
     # Stage 2: the variants, arm (b)'s sweep and arm (c), every seed.
     tasks, keys = [], []
     for seed in args.seeds:
-        for name, (items, vcfg) in variants.items():
+        for name, (items, vcfg, fraction) in variants.items():
             try:
-                vcfg = fill_budget(vcfg, source_cfg.vocab_size, budget)
+                vcfg = fill_budget(vcfg, source_cfg.vocab_size, fraction * budget)
             except ValueError as e:
                 raise SystemExit(f"--variant {name}: {e}") from None
             tasks.append((pipeline_task, (seed_cfg(vcfg, seed, name), f"(a) variant {name}",
@@ -647,10 +693,12 @@ def main(argv=None) -> dict:
     # failed, without figures: the comparison needs every seed.
     failed_variants = {name: {"items": items, "failed": {
         str(r["seed"]): r["exit_status"] for r in variant_runs[name] if "exit_status" in r}}
-        for name, (items, _) in variants.items()}
+        for name, (items, *_) in variants.items()}
     failed_variants = {k: v for k, v in failed_variants.items() if v["failed"]}
-    variant_arms = {name: {"items": items, **pipeline_arm(variant_runs[name])}
-                    for name, (items, _) in variants.items() if name not in failed_variants}
+    variant_arms = {name: {"items": items, "budget_fraction": fraction,
+                           **pipeline_arm(variant_runs[name])}
+                    for name, (items, _, fraction) in variants.items()
+                    if name not in failed_variants}
     targets = {"scratch_final": arms["scratch"]["final_val_loss"]["mean"],
                "source_final": arms["source"]["final_val_loss"]["mean"]}
     for name, arm in [*arms.items(), *variant_arms.items()]:

@@ -3,7 +3,7 @@
     python bench/recipe_table.py bench/results/growth_vs_scratch_micro_embedded_recipes*.json
 
 One row per recipe (the first file's default pipeline, then every variant), best final
-validation loss first; every file must share arms (b) and (c) (``--reuse-arms``), whose
+validation loss first, with the FLOPs it spent (a ``budget=F`` recipe is a shorter run); every file must share arms (b) and (c) (``--reuse-arms``), whose
 figures head the table. Failed recipes are listed after it.
 """
 
@@ -34,16 +34,18 @@ def table(paths: list[Path]) -> str:
         to_b = (f"{100 * t['fraction_of_budget']:.0f}%" if t["fraction_of_budget"] is not None
                 else f"{t['seeds_reached']}/{len(t['per_seed'])} seeds")
         minus_b = " / ".join(f"{x['final_val_loss'] - b_seed[x['seed']]:+.3f}" for x in a["runs"])
-        rows.append((f["mean"], f"| {name} | {f['mean']:.4f} +- {f['std']:.4f} | {minus_b} | "
-                                f"{to_b} | {100 * spike['mean']:+.1f}% (max {100 * spike['max']:+.1f}%) |"))
+        spent = 100 * a.get("budget_fraction", 1.0)  # budget=F recipes: a shorter run
+        rows.append((f["mean"], f"| {name} | {spent:.0f}% | {f['mean']:.4f} +- {f['std']:.4f} | "
+                                f"{minus_b} | {to_b} | {100 * spike['mean']:+.1f}% (max "
+                                f"{100 * spike['max']:+.1f}%) |"))
     seeds = " / ".join(str(x["seed"]) for x in first["arms"]["scratch"]["runs"])
     lines = [f"Preset {first['preset']}, budget {first['budget_flops']:.3g} training FLOPs, seeds "
              f"{seeds}: (b) from scratch (lr {first['arms']['scratch']['best_lr']:g}) "
              f"{b['mean']:.4f} +- {b['std']:.4f}; (c) no growth {c['mean']:.4f} +- {c['std']:.4f}.",
              "",
-             f"| recipe | final validation loss | minus (b)'s, seed {seeds} | FLOPs to (b)'s "
-             "final | loss spike after widening |",
-             "|---|---|---|---|---|"]
+             f"| recipe | its FLOPs (of the budget) | final validation loss | minus (b)'s, seed "
+             f"{seeds} | FLOPs to (b)'s final | loss spike after widening |",
+             "|---|---|---|---|---|---|"]
     lines += [row for _, row in sorted(rows)]
     return "\n".join(lines + ([""] + failed if failed else [])) + "\n"
 

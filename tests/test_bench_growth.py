@@ -15,6 +15,7 @@ from growth_vs_scratch import (  # noqa: E402
     fill_budget,
     flops_to_reach,
     parse_variant,
+    pipeline_flops,
     phase_step_flops,
 )
 
@@ -56,15 +57,45 @@ def test_fill_budget_refuses_a_budget_spent_before_phase_3():
 
 def test_parse_variant_changes_fields_and_refuses_shared_ones():
     base = preset_config("tiny")
-    name, items, cfg = parse_variant("late:phase1.steps=3000, noise-std=1e-2,reset-optimizer", base)
+    name, items, cfg, fraction = parse_variant(
+        "late:phase1.steps=3000, noise-std=1e-2,reset-optimizer", base)
     assert name == "late" and items == ["phase1.steps=3000", "noise-std=1e-2", "reset-optimizer"]
     assert (cfg.phase1.steps, cfg.noise_std, cfg.reset_optimizer) == (3000, 1e-2, True)
+    assert fraction == 1.0
     assert base.phase1.steps == 1200  # the base is not changed
     for bad in ("late", ":phase1.steps=3", "a b:phase1.steps=3"):
         with pytest.raises(ValueError, match="NAME:FIELD=VALUE"):
             parse_variant(bad, base)
     with pytest.raises(ValueError, match="batch_size"):
         parse_variant("x:batch-size=4", base)
+
+
+def test_parse_variant_budget_is_a_fraction_not_a_field():
+    base = preset_config("micro")
+    name, items, cfg, fraction = parse_variant("half:budget=0.5,phase1.min-lr-ratio=1", base)
+    assert (name, fraction, cfg.phase1.min_lr_ratio) == ("half", 0.5, 1.0)
+    assert items == ["budget=0.5", "phase1.min-lr-ratio=1"]  # reported as given
+    assert parse_variant("b:budget=1", base)[2] == base  # budget alone changes no field
+    for bad in ("0", "1.5", "-0.2", "nan", "half"):
+        with pytest.raises(ValueError, match="budget=.*in \\(0, 1\\]"):
+            parse_variant(f"x:budget={bad}", base)
+    # Its phase 3 is cut to spend that fraction of the default budget.
+    full = pipeline_flops(base, 257)
+    short = fill_budget(cfg, 257, fraction * full)
+    assert short.phase3.steps < base.phase3.steps
+    assert abs(pipeline_flops(short, 257) - full / 2) <= phase_step_flops(base, 257)[3] / 2
+
+
+def test_a_variant_must_grow_into_arm_b_s_architecture(tmp_path, capsys):
+    from growth_vs_scratch import main
+
+    for bad, named in (("x:scale-factor=3", "d_model 96 (not 64)"),
+                       ("x:extra-layers=1", "n_layers 3 (not 4)"),
+                       ("x:budget=0.01", "no phase-3 step")):
+        with pytest.raises(SystemExit) as e:
+            main(["--preset", "micro", "--out", str(tmp_path / "out"), "--variant", bad])
+        assert e.value.code == 2 and named in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # refused before anything is written
 
 
 def test_flops_to_reach_interpolates_and_says_never():
@@ -97,6 +128,18 @@ def _result(cfg, seeds=(0, 1), lrs=("0.001", "0.003", "0.009")) -> dict:
                                 "model_config": {"d_model": 64, "vocab_size": 257}}}}
 
 
+def test_arms_decay_though_the_pipeline_holds_its_rate_until_the_growth():
+    from growth_vs_scratch import arm_schedule
+
+    from growkit.train.trainer import lr_at
+
+    wsd = preset_config("micro", **{"phase1.min_lr_ratio": 1.0})
+    sched = arm_schedule(wsd, 1000, 2e-3)
+    assert lr_at(wsd, 1, wsd.phase1.steps - 1) == wsd.phase1.lr  # the pipeline: held
+    assert lr_at(sched, 1, 999) == pytest.approx(wsd.min_lr_ratio * 2e-3)  # the arm: decays
+    assert lr_at(sched, 1, round(0.08 * 1000)) == pytest.approx(2e-3, rel=1e-3)
+
+
 def test_reusable_arms_takes_only_a_matching_earlier_result(tmp_path):
     from growth_vs_scratch import reusable_arms
 
@@ -112,6 +155,18 @@ def test_reusable_arms_takes_only_a_matching_earlier_result(tmp_path):
                                                      **{"phase3.lr": 1e-3}))))
     got = reusable_arms(path, base, [0], lrs)
     assert got["pipeline"] is None and [r["seed"] for r in got["source"]] == [0]
+    # Phase 1's own floor too (the arms decay to the run's), but not phase 1's rate.
+    path.write_text(json.dumps(_result(preset_config("tiny", **{"phase1.min_lr_ratio": 1.0}))))
+    assert reusable_arms(path, base, [0], lrs)["pipeline"] is None
+    path.write_text(json.dumps(_result(preset_config("tiny", **{"phase1.lr": 1e-3}))))
+    with pytest.raises(ValueError, match="phase1.lr"):
+        reusable_arms(path, base, [0], lrs)
+    # A result written before a field existed: the field reads as its default.
+    old = _result(base)
+    for p in ("phase1", "phase2", "phase3"):
+        del old["config"][p]["min_lr_ratio"]
+    path.write_text(json.dumps(old))
+    assert reusable_arms(path, base, [0], lrs)["pipeline"] is not None
     # Anything (b) or (c) depends on: refused, naming it.
     path.write_text(json.dumps(_result(preset_config("tiny", weight_decay=0.0))))
     with pytest.raises(ValueError, match="weight_decay"):

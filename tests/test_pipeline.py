@@ -179,6 +179,14 @@ def test_lr_schedule():
     assert all(lr_at(cfg, 1, s) >= lr_at(cfg, 1, s + 1) for s in range(10, 99))
     const = TrainConfig.from_dict({"schedule": "constant", "phase2": {"warmup_frac": 0.0, "lr": 3e-4}})
     assert {lr_at(const, 2, s) for s in range(const.phase2.steps)} == {3e-4}
+    # A phase's own floor: 1 holds the peak after warmup (warmup-stable, then the growth),
+    # 0.5 ends at half of it; the other phases keep the run's floor.
+    wsd = TrainConfig.from_dict({"phase1.min_lr_ratio": 1.0, "phase3.min_lr_ratio": 0.5,
+                                 "phase1.steps": 100, "phase1.lr": 1e-3, "phase1.warmup_frac": 0.1})
+    assert lr_at(wsd, 1, 0) == pytest.approx(1e-4)
+    assert {lr_at(wsd, 1, s) for s in range(9, 100)} == {1e-3}
+    assert lr_at(wsd, 3, wsd.phase3.steps - 1) == pytest.approx(0.5 * wsd.phase3.lr)
+    assert lr_at(wsd, 2, wsd.phase2.steps - 1) == pytest.approx(wsd.min_lr_ratio * wsd.phase2.lr)
 
 
 def test_optimizer_state_roundtrip_is_exact(tmp_path):

@@ -94,6 +94,8 @@ class PhaseConfig:
     """peak learning rate, in (0, 1)"""
     warmup_frac: float
     """linear warmup, as a fraction of the phase's steps, in [0, 1)"""
+    min_lr_ratio: Optional[float] = None
+    """cosine floor of this phase as a fraction of its peak (None: the run's min_lr_ratio); 1 holds the peak after warmup, so a run can grow while its rate is stable and decay only after the growth (warmup-stable-decay)"""
 
 
 @dataclass
@@ -302,12 +304,15 @@ class TrainConfig:
             ph = getattr(self, p)
             if not isinstance(ph, PhaseConfig):
                 raise ArgumentKindError(f"TrainConfig.{p} must be a PhaseConfig or a mapping of "
-                                f"steps, lr, warmup_frac, got {ph!r}")
+                                f"steps, lr, warmup_frac (and min_lr_ratio), got {ph!r}")
             where = f"TrainConfig.{p}"
             ph.steps = whole_number(ph.steps, f"{where}.steps", min=0)
             ph.lr = real_number(ph.lr, f"{where}.lr", above=0, below=1, hint="e.g. 1e-3")
             ph.warmup_frac = real_number(ph.warmup_frac, f"{where}.warmup_frac", min=0, below=1,
                                    hint="a fraction of the phase's steps, e.g. 0.05")
+            if ph.min_lr_ratio is not None:
+                ph.min_lr_ratio = real_number(ph.min_lr_ratio, f"{where}.min_lr_ratio", min=0,
+                                              max=1, hint="1 holds the peak; None: the run's")
         vocab = self.bpe_vocab_size if bpe else 257
         for phase in (1, 2):
             try:

@@ -90,17 +90,19 @@ def lr_at(cfg: TrainConfig, phase: int, step: int) -> float:
     """Learning rate of the ``step``-th (0-based) step of ``phase``.
 
     Linear warmup over ``warmup(phase)`` steps to ``phase<p>.lr``, then constant or a
-    cosine decay to ``min_lr_ratio * phase<p>.lr`` at the phase's last step. Each phase
-    has its own schedule.
+    cosine decay to ``phase<p>.min_lr_ratio`` (else the run's ``min_lr_ratio``) times
+    ``phase<p>.lr`` at the phase's last step. Each phase has its own schedule.
     """
-    peak, warm, total = cfg.phase(phase).lr, cfg.warmup(phase), cfg.phase(phase).steps
+    ph = cfg.phase(phase)
+    peak, warm, total = ph.lr, cfg.warmup(phase), ph.steps
+    floor = cfg.min_lr_ratio if ph.min_lr_ratio is None else ph.min_lr_ratio
     if warm > 0 and step < warm:
         return peak * (step + 1) / warm
     if cfg.schedule == "constant":
         return peak
     span = max(1, total - warm - 1)
     progress = min(1.0, max(0.0, (step - warm) / span))
-    return peak * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 # ---------------------------------------------------------------------------
