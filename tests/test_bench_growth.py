@@ -205,3 +205,38 @@ def test_head_start_at_growth_reads_the_loss_before_the_last_growth():
     scratch = [(0.0, 3.0), (10.0, 2.0), (20.0, 1.5), (30.0, 1.2)]
     assert head_start_at_growth(run, scratch) == pytest.approx(10.0)  # 1.5 at 20, grown at 10
     assert head_start_at_growth(run, [(0.0, 3.0), (30.0, 1.7)]) is None
+
+
+def test_head_start_bound_inverts_the_fit_and_depends_only_on_the_ratio():
+    from head_start_bound import (
+        CHINCHILLA,
+        crossover,
+        flops_to_loss,
+        head_start_bound,
+        loss,
+        main,
+    )
+
+    fit = CHINCHILLA
+    for n, f in ((1e6, 1e15), (3e8, 7e20)):
+        assert flops_to_loss(fit, n, loss(fit, n, f)) == pytest.approx(f, rel=1e-9)
+    assert flops_to_loss(fit, 1e6, 1.0) == float("inf")  # below the model's floor: never
+    fx = crossover(fit, 1e6, 1e7)
+    assert loss(fit, 1e6, fx) == pytest.approx(loss(fit, 1e7, fx), rel=1e-12)
+    assert loss(fit, 1e6, fx / 2) < loss(fit, 1e7, fx / 2)  # small ahead before it
+    assert loss(fit, 1e6, fx * 2) > loss(fit, 1e7, fx * 2)  # large ahead after it
+    # Scaling both sizes by k scales FLOPs by k^(1 + alpha/beta) and keeps the fractions.
+    a, b = head_start_bound(fit, 1e6, 10), head_start_bound(fit, 1e8, 10)
+    k = 100 ** (1 + fit[3] / fit[4])
+    assert b["crossover"] == pytest.approx(k * a["crossover"], rel=1e-6)
+    assert b["best_fraction"] == pytest.approx(a["best_fraction"], abs=1e-3)
+    # The head start is a real lead: at the growth point the large model needs more.
+    g = a["at"] * a["crossover"]
+    assert flops_to_loss(fit, 1e7, loss(fit, 1e6, g)) - g == pytest.approx(a["max_head_start"])
+    # Larger pairs hand over more, relative to their crossover.
+    fractions = [r["best_fraction"] for r in main(["--ratios", "2", "10", "100", "1000"])]
+    assert fractions == sorted(fractions, reverse=True) and 0 < fractions[-1] < fractions[0] < 1
+    with pytest.raises(ValueError, match="ratio must be > 1"):
+        head_start_bound(fit, 1e6, 1.0)
+    with pytest.raises(SystemExit):
+        main(["--ratios", "0.5"])
