@@ -427,7 +427,12 @@ def reusable_arms(path: Path, base: TrainConfig, seeds: list[int], lrs: list[flo
             raise ValueError(f"{path} has no {what} run for seeds {missing}")
         return [by_seed[s] for s in seeds]
 
-    return {"pipeline": None if differ else pick(arms["pipeline"]["runs"], "pipeline"),
+    # Arm (a) only from a result that records what the report reads of it (results of
+    # earlier versions of this script lack some): otherwise it runs again.
+    pipeline = None if differ else pick(arms["pipeline"]["runs"], "pipeline")
+    if pipeline is not None and any(PIPELINE_RUN_KEYS - set(r) for r in pipeline):
+        pipeline = None
+    return {"pipeline": pipeline,
             "scratch": {float(lr): pick(e["runs"], f"(b) lr {lr}") for lr, e in sweep.items()},
             "source": pick(arms["source"]["runs"], "(c)"),
             "scratch_model": arms["scratch"]["model_config"],
@@ -462,6 +467,11 @@ def run_tasks(tasks: list[tuple[Any, tuple]], jobs: int) -> list:
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as ex:
         futures = [ex.submit(fn, *a) for fn, a in tasks]
         return [f.result() for f in futures]
+
+
+#: What :func:`pipeline_arm` and the report read of each pipeline run.
+PIPELINE_RUN_KEYS = frozenset({"seed", "curve", "final_val_loss", "flops", "phase_steps",
+                               "post_growth_spike", "growth_flops"})
 
 
 def pipeline_arm(runs: list[dict]) -> dict:

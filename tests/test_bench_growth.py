@@ -121,7 +121,9 @@ def _result(cfg, seeds=(0, 1), lrs=("0.001", "0.003", "0.009")) -> dict:
     f = phase_step_flops(cfg, 257)
     budget = sum(getattr(cfg, f"phase{p}").steps * f[p] for p in (1, 2, 3))
     return {"config": cfg.to_dict(), "budget_flops": budget, "data": "d", "device": "cpu",
-            "arms": {"pipeline": {"runs": [run(s) for s in seeds]},
+            "arms": {"pipeline": {"runs": [{**run(s), "flops": budget, "phase_steps": [1, 1, 1],
+                                            "post_growth_spike": {}, "growth_flops": [1.0]}
+                                           for s in seeds]},
                      "scratch": {"sweep": {lr: {"runs": [run(s) for s in seeds]} for lr in lrs},
                                  "model_config": {"d_model": 128}},
                      "source": {"runs": [run(s) for s in seeds],
@@ -167,6 +169,12 @@ def test_reusable_arms_takes_only_a_matching_earlier_result(tmp_path):
         del old["config"][p]["min_lr_ratio"]
     path.write_text(json.dumps(old))
     assert reusable_arms(path, base, [0], lrs)["pipeline"] is not None
+    # Arm (a) of a result written before its runs recorded their FLOPs: it runs again.
+    for r in old["arms"]["pipeline"]["runs"]:
+        del r["flops"]
+    path.write_text(json.dumps(old))
+    got = reusable_arms(path, base, [0], lrs)
+    assert got["pipeline"] is None and [r["seed"] for r in got["source"]] == [0]
     # Anything (b) or (c) depends on: refused, naming it.
     path.write_text(json.dumps(_result(preset_config("tiny", weight_decay=0.0))))
     with pytest.raises(ValueError, match="weight_decay"):
