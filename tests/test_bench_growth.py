@@ -158,22 +158,24 @@ def test_reusable_arms_takes_only_a_matching_earlier_result(tmp_path):
     got = reusable_arms(path, base, [0], lrs)
     assert got["pipeline"] is None and [r["seed"] for r in got["source"]] == [0]
     # Phase 1's own floor too (the arms decay to the run's), but not phase 1's rate.
-    path.write_text(json.dumps(_result(preset_config("tiny", **{"phase1.min_lr_ratio": 1.0}))))
+    path.write_text(json.dumps(_result(preset_config("tiny", **{"phase1.min_lr_ratio": 0.5}))))
     assert reusable_arms(path, base, [0], lrs)["pipeline"] is None
     path.write_text(json.dumps(_result(preset_config("tiny", **{"phase1.lr": 1e-3}))))
     with pytest.raises(ValueError, match="phase1.lr"):
         reusable_arms(path, base, [0], lrs)
     # A result written before a field existed: the field reads as its default.
-    old = _result(base)
+    no_floors = preset_config("tiny", **{f"phase{p}.min_lr_ratio": None for p in (1, 2, 3)})
+    old = _result(no_floors)
     for p in ("phase1", "phase2", "phase3"):
         del old["config"][p]["min_lr_ratio"]
     path.write_text(json.dumps(old))
-    assert reusable_arms(path, base, [0], lrs)["pipeline"] is not None
+    assert reusable_arms(path, no_floors, [0], lrs)["pipeline"] is not None
+    assert reusable_arms(path, base, [0], lrs)["pipeline"] is None  # the preset's floors differ
     # Arm (a) of a result written before its runs recorded their FLOPs: it runs again.
     for r in old["arms"]["pipeline"]["runs"]:
         del r["flops"]
     path.write_text(json.dumps(old))
-    got = reusable_arms(path, base, [0], lrs)
+    got = reusable_arms(path, no_floors, [0], lrs)
     assert got["pipeline"] is None and [r["seed"] for r in got["source"]] == [0]
     # Anything (b) or (c) depends on: refused, naming it.
     path.write_text(json.dumps(_result(preset_config("tiny", weight_decay=0.0))))
