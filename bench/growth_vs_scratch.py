@@ -234,9 +234,13 @@ def parse_variant(text: str, base: TrainConfig) -> tuple[str, list[str], TrainCo
     name, sep, rest = text.partition(":")
     name = name.strip()
     items = [i.strip() for i in rest.split(",") if i.strip()]
-    if not sep or not name or not items or not name.replace("-", "").replace("_", "").isalnum():
+    # The name becomes a folder name (NAME-seedN): letters, digits, '-', '_' and '.' (lr1.5e-3),
+    # not starting with '.'.
+    plain = name.replace("-", "").replace("_", "").replace(".", "").isalnum()
+    if not sep or not name or not items or not plain or name.startswith("."):
         raise ValueError(f"--variant {text!r}: write NAME:FIELD=VALUE[,FIELD=VALUE...] with a "
-                         "plain name, e.g. late:phase1.steps=3000,phase3.lr=1e-3")
+                         "plain name (letters, digits, '-', '_', '.'), e.g. "
+                         "late:phase1.steps=3000,phase3.lr=1e-3")
     fraction = 1.0
     fields = []
     for item in items:

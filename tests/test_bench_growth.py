@@ -63,7 +63,9 @@ def test_parse_variant_changes_fields_and_refuses_shared_ones():
     assert (cfg.phase1.steps, cfg.noise_std, cfg.reset_optimizer) == (3000, 1e-2, True)
     assert fraction == 1.0
     assert base.phase1.steps == 1200  # the base is not changed
-    for bad in ("late", ":phase1.steps=3", "a b:phase1.steps=3"):
+    assert parse_variant("lr1.5e-3:phase3.lr=1.5e-3", base)[0] == "lr1.5e-3"
+    for bad in ("late", ":phase1.steps=3", "a b:phase1.steps=3", "../x:phase1.steps=3",
+                ".x:phase1.steps=3", "a/b:phase1.steps=3"):
         with pytest.raises(ValueError, match="NAME:FIELD=VALUE"):
             parse_variant(bad, base)
     with pytest.raises(ValueError, match="batch_size"):
