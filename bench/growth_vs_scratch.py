@@ -341,9 +341,13 @@ RUN_ONLY_FIELDS = ("out_dir", "run_dir", "name", "progress", "plot", "threads",
 #: at and after the growths (the budget is checked on its own); a phase's name covers
 #: all of its settings. Phase 1's floor is the pipeline's only (train_arm decays to the
 #: run's floor).
-PIPELINE_ONLY_FIELDS = ("phase1.min_lr_ratio", "phase2", "phase3", "noise_std", "reset_optimizer", "router_init",
-                        "train_after_growth", "depth_mode", "check_tolerance", "val_tolerance",
-                        "probe_batch_size", "continue_on_failed_check", "post_growth_evals")
+PIPELINE_ONLY_FIELDS = ("phase1.min_lr_ratio", "phase2", "phase3", "noise_std",
+                        "reset_optimizer", "router_init", "train_after_growth", "depth_mode",
+                        "check_tolerance", "val_tolerance", "probe_batch_size",
+                        "continue_on_failed_check", "post_growth_evals")
+#: What :func:`pipeline_arm` and the report read of each pipeline run.
+PIPELINE_RUN_KEYS = frozenset({"seed", "curve", "final_val_loss", "flops", "phase_steps",
+                               "post_growth_spike", "growth_flops"})
 
 
 def finished_run(cfg: TrainConfig) -> dict | None:
@@ -471,11 +475,6 @@ def run_tasks(tasks: list[tuple[Any, tuple]], jobs: int) -> list:
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as ex:
         futures = [ex.submit(fn, *a) for fn, a in tasks]
         return [f.result() for f in futures]
-
-
-#: What :func:`pipeline_arm` and the report read of each pipeline run.
-PIPELINE_RUN_KEYS = frozenset({"seed", "curve", "final_val_loss", "flops", "phase_steps",
-                               "post_growth_spike", "growth_flops"})
 
 
 def pipeline_arm(runs: list[dict]) -> dict:

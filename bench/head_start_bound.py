@@ -16,8 +16,9 @@ training FLOPs ``F = 6 N D``, by default the fit of Hoffmann et al. 2022 (Chinch
 approach 3: E 1.69, A 406.4, B 410.7, alpha 0.34, beta 0.28); ``--fit`` takes another.
 ``N`` is the parameter count of the small model (``--n-small``); the result depends on the
 ratio of the two sizes, not on ``N`` (multiplying both sizes by k multiplies every loss
-excess over E by k^-alpha and every FLOPs figure by k^(1 + alpha/beta)). Measured curves replace this model where they exist
-(``bench/crossover.py``); the bound says what to expect of pairs not measured.
+excess over E by k^-alpha and every FLOPs figure by k^(1 + alpha/beta)). Measured curves
+replace this model where they exist (``bench/crossover.py``); the bound says what to
+expect of pairs not measured.
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
     python bench/recipe_table.py bench/results/growth_vs_scratch_micro_embedded_recipes*.json
 
 One row per recipe (the first file's default pipeline, then every variant), best final
-validation loss first, with the FLOPs it spent (a ``budget=F`` recipe is a shorter run); every file must share arms (b) and (c) (``--reuse-arms``), whose
-figures head the table. Failed recipes are listed after it.
+validation loss first, with the FLOPs it spent (a ``budget=F`` recipe is a shorter run);
+every file must share arms (b) and (c) (``--reuse-arms``), whose figures head the table. Failed recipes are listed after it.
 """
 
 from __future__ import annotations

@@ -539,9 +539,9 @@ def flatten_config(d: Mapping[str, Any]) -> dict[str, Any]:
 # Presets
 # ---------------------------------------------------------------------------
 
-def _phases(steps, lrs, warmups) -> dict[str, dict[str, Any]]:
-    return {p: {"steps": s, "lr": lr, "warmup_frac": w}
-            for p, s, lr, w in zip(PHASES, steps, lrs, warmups)}
+def _phases(steps, lrs, warmups, floors=(None, None, None)) -> dict[str, dict[str, Any]]:
+    return {p: {"steps": s, "lr": lr, "warmup_frac": w, "min_lr_ratio": f}
+            for p, s, lr, w, f in zip(PHASES, steps, lrs, warmups, floors)}
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -560,8 +560,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         # within 0.003 of each other, 1.5e-3 at 1.162; growing without MoE training at 1.174
         # (bench/results/growth_vs_scratch_tiny_embedded_recipes{1,2}.json). At this budget
         # the phase-1 model trained on still ends lower (1.083): below the crossover.
-        **_phases((1200, 300, 300), (3e-3, 3e-3, 1e-3), (0.08, 0.0, 0.0)),
-        **{"phase1.min_lr_ratio": 1.0, "phase2.min_lr_ratio": 1.0}, noise_std=5e-2,
+        **_phases((1200, 300, 300), (3e-3, 3e-3, 1e-3), (0.08, 0.0, 0.0), (1.0, 1.0, None)),
+        noise_std=5e-2,
         eval_interval=100, eval_batches=8, log_interval=10, checkpoint_every=500,
         device="cpu", dtype="float32",
     ),
@@ -581,14 +581,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     # gain was lost. These settings hold phase 1's rate until the growth (min_lr_ratio 1,
     # warmup-stable-decay) and continue at 1.75e-3 without warmup (a model widened 2x moves
     # 2x further per Adam step: 1.5e-3 is phase 1's 3e-3 halved, spike +0.2%, final 1.080;
-    # 2e-3 +1.9%, 1.070; 3e-3 with noise 3e-2 +5.0%, 1.087) with zero-sum noise 5e-2 (as exact as none,
-    # 6e-7..8e-7 relative; 1e-1 ended 1.071-1.078 but spiked +4..6%): final 1.075, spike
-    # +1.1% (max 1.2%), (b)'s final loss reached at 77% of the budget (83% before).
+    # 2e-3 +1.9%, 1.070; 3e-3 with noise 3e-2 +5.0%, 1.087) with zero-sum noise 5e-2 (as
+    # exact as none, 6e-7..8e-7 relative; 1e-1 ended 1.071-1.078 but spiked +4..6%): final
+    # 1.075, spike +1.1% (max 1.2%), (b)'s final loss reached at 77% of the budget (83%
+    # before).
     "micro": dict(
         name="micro", d_model=32, n_layers=2, n_heads=2, seq_len=64, batch_size=16,
         n_experts=4, top_k=2, scale_factor=2, extra_layers=2, noise_std=5e-2,
-        **_phases((2900, 0, 1576), (3e-3, 1e-3, 1.75e-3), (0.08, 0.05, 0.0)),
-        **{"phase1.min_lr_ratio": 1.0},
+        **_phases((2900, 0, 1576), (3e-3, 1e-3, 1.75e-3), (0.08, 0.05, 0.0), (1.0, None, None)),
         eval_interval=250, eval_batches=8, log_interval=10, checkpoint_every=0,
         device="cpu", dtype="float32", threads=1,
     ),
