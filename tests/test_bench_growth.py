@@ -170,6 +170,7 @@ def test_reusable_arms_takes_only_a_matching_earlier_result(tmp_path):
     old = _result(no_floors)
     for p in ("phase1", "phase2", "phase3"):
         del old["config"][p]["min_lr_ratio"]
+    del old["config"]["weight_decay"]  # a field whose default is not None: read as 0.1
     path.write_text(json.dumps(old))
     assert reusable_arms(path, no_floors, [0], lrs)["pipeline"] is not None
     assert reusable_arms(path, base, [0], lrs)["pipeline"] is None  # the preset's floors differ
@@ -242,6 +243,11 @@ def test_head_start_bound_inverts_the_fit_and_depends_only_on_the_ratio():
     k = 100 ** (1 + fit[3] / fit[4])
     assert b["crossover"] == pytest.approx(k * a["crossover"], rel=1e-6)
     assert b["best_fraction"] == pytest.approx(a["best_fraction"], abs=1e-3)
+    # The largest lead, found again on a grid of growth points of its own.
+    leads = [flops_to_loss(fit, 1e7, loss(fit, 1e6, f)) - f
+             for f in (a["crossover"] * 10 ** (-4 * i / 997) for i in range(998))]
+    assert a["max_head_start"] == pytest.approx(max(leads), rel=1e-3)
+    assert a["best_fraction"] == pytest.approx(1 - max(leads) / a["crossover"], rel=1e-3)
     # The head start is a real lead: at the growth point the large model needs more.
     g = a["at"] * a["crossover"]
     assert flops_to_loss(fit, 1e7, loss(fit, 1e6, g)) - g == pytest.approx(a["max_head_start"])
