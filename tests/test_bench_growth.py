@@ -88,9 +88,14 @@ def test_parse_variant_budget_is_a_fraction_not_a_field():
     assert abs(pipeline_flops(short, 257) - full / 2) <= phase_step_flops(base, 257)[3] / 2
 
 
-def test_a_variant_must_grow_into_arm_b_s_architecture(tmp_path, capsys):
+def test_a_variant_must_grow_into_arm_b_s_architecture(tmp_path, capsys, monkeypatch):
+    import growth_vs_scratch
     from growth_vs_scratch import main
 
+    def no_training(*args, **kwargs):  # without the check the benchmark would start: fail now
+        raise AssertionError("a training run started: the variant was not refused")
+
+    monkeypatch.setattr(growth_vs_scratch, "run_tasks", no_training)
     for bad, named in (("x:scale-factor=3", "d_model 96 (not 64)"),
                        ("x:extra-layers=1", "n_layers 3 (not 4)"),
                        ("x:budget=0.01", "no phase-3 step")):
