@@ -139,6 +139,23 @@ def head_start_at_growth(run: dict, scratch_curve: Curve) -> float | None:
     return None if reach is None else reach - g
 
 
+def post_growth_speed(run: dict, scratch_run: dict) -> float | None:
+    """How fast a pipeline run learned after its last growth, relative to (b) over the same
+    stretch of loss: the FLOPs (b) (``scratch_run``, same seed) took from the loss the run
+    had at the growth down to (b)'s own final loss, divided by the FLOPs the run took from
+    the growth to that same loss. 1 is (b)'s pace; above 1 the grown model learns faster
+    than a fresh one, which a recipe needs to beat the head start it is handed (None when
+    either never gets there, or the growth left no loss to make up)."""
+    g = run["growth_flops"][-1]
+    start = min(l for f, l in run["curve"] if f <= g)  # the best loss up to the growth
+    target = scratch_run["final_val_loss"]
+    b_from, b_to = (flops_to_reach(scratch_run["curve"], x) for x in (start, target))
+    a_to = flops_to_reach(run["curve"], target)
+    if b_from is None or b_to is None or a_to is None or a_to <= g or b_to <= b_from:
+        return None
+    return (b_to - b_from) / (a_to - g)
+
+
 def phase_step_flops(cfg: TrainConfig, vocab_size: int) -> dict[int, float]:
     """Training FLOPs of one step of each phase (the pipeline's own count)."""
     tokens = cfg.batch_size * cfg.seq_len
@@ -731,8 +748,10 @@ def main(argv=None) -> dict:
         arm["reaches_scratch_final_by_half_budget"] = half is not None and half <= 0.5
         arm["below_source"] = arm["final_val_loss"]["mean"] < targets["source_final"]
         arm["pays"] = arm["reaches_scratch_final_by_half_budget"] and arm["below_source"]
-        heads = [head_start_at_growth(r, {s["seed"]: s for s in best_runs}[r["seed"]]["curve"])
-                 for r in arm["runs"]]
+        b_of = {s["seed"]: s for s in best_runs}
+        heads = [head_start_at_growth(r, b_of[r["seed"]]["curve"]) for r in arm["runs"]]
+        speeds = [post_growth_speed(r, b_of[r["seed"]]) for r in arm["runs"]]
+        arm["post_growth_speed_vs_scratch"] = {"per_seed": speeds, "mean": mean_or_none(speeds)}
         arm["head_start_at_last_growth"] = {
             "per_seed": heads, "mean": mean_or_none(heads),
             # If the grown model then learned as (b) does from the same loss, it would
@@ -788,6 +807,8 @@ def main(argv=None) -> dict:
         lead = (f"lead at the last growth {h['mean']:.3g} FLOPs (best case "
                 f"{100 * h['best_case_fraction_to_scratch_final']:.0f}% of budget to (b)'s "
                 "final)" if h["mean"] is not None else "no lead at the last growth")
+        v = arm["post_growth_speed_vs_scratch"]["mean"]
+        lead += f"; learning after it at {v:.2f}x (b)'s pace" if v is not None else ""
         print(f"    {names[name]}: phase steps {arm['phase_steps']}, post-growth spike {spikes}; "
               f"{lead}; pays (by half of (b)'s FLOPs, below (c)): {arm['pays']}")
         if "items" in arm:

@@ -4,7 +4,9 @@
 
 One row per recipe (the first file's default pipeline, then every variant), best final
 validation loss first, with the FLOPs it spent (a ``budget=F`` recipe is a shorter run);
-every file must share arms (b) and (c) (``--reuse-arms``), whose figures head the table. Failed recipes are listed after it.
+every file must share arms (b) and (c) (``--reuse-arms``), whose figures head the table.
+The pace after the growth is :func:`growth_vs_scratch.post_growth_speed` per seed (1: as
+fast as (b) over the same stretch of loss). Failed recipes are listed after it.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+
+from growth_vs_scratch import post_growth_speed
 
 
 def table(paths: list[Path]) -> str:
@@ -21,7 +25,8 @@ def table(paths: list[Path]) -> str:
         if r["arms"]["scratch"]["runs"] != first["arms"]["scratch"]["runs"]:
             raise SystemExit(f"{p}: its arm (b) differs from {paths[0]}'s; run with --reuse-arms")
     b, c = (first["arms"][k]["final_val_loss"] for k in ("scratch", "source"))
-    b_seed = {x["seed"]: x["final_val_loss"] for x in first["arms"]["scratch"]["runs"]}
+    b_run = {x["seed"]: x for x in first["arms"]["scratch"]["runs"]}
+    b_seed = {seed: x["final_val_loss"] for seed, x in b_run.items()}
     rows, failed = [], []
     arms = [("the pipeline's settings in " + paths[0].name, first["arms"]["pipeline"])]
     for r in results:
@@ -34,18 +39,21 @@ def table(paths: list[Path]) -> str:
         to_b = (f"{100 * t['fraction_of_budget']:.0f}%" if t["fraction_of_budget"] is not None
                 else f"{t['seeds_reached']}/{len(t['per_seed'])} seeds")
         minus_b = " / ".join(f"{x['final_val_loss'] - b_seed[x['seed']]:+.3f}" for x in a["runs"])
+        pace = " / ".join("-" if v is None else f"{v:.2f}"
+                          for v in (post_growth_speed(x, b_run[x["seed"]]) for x in a["runs"]))
         spent = 100 * a.get("budget_fraction", 1.0)  # budget=F recipes: a shorter run
         rows.append((f["mean"], f"| {name} | {spent:.0f}% | {f['mean']:.4f} +- {f['std']:.4f} | "
                                 f"{minus_b} | {to_b} | {100 * spike['mean']:+.1f}% (max "
-                                f"{100 * spike['max']:+.1f}%) |"))
+                                f"{100 * spike['max']:+.1f}%) | {pace} |"))
     seeds = " / ".join(str(x["seed"]) for x in first["arms"]["scratch"]["runs"])
     lines = [f"Preset {first['preset']}, budget {first['budget_flops']:.3g} training FLOPs, seeds "
              f"{seeds}: (b) from scratch (lr {first['arms']['scratch']['best_lr']:g}) "
              f"{b['mean']:.4f} +- {b['std']:.4f}; (c) no growth {c['mean']:.4f} +- {c['std']:.4f}.",
              "",
              f"| recipe | its FLOPs (of the budget) | final validation loss | minus (b)'s, seed "
-             f"{seeds} | FLOPs to (b)'s final | loss spike after widening |",
-             "|---|---|---|---|---|---|"]
+             f"{seeds} | FLOPs to (b)'s final | loss spike after widening | pace after the "
+             f"growth vs (b), seed {seeds} |",
+             "|---|---|---|---|---|---|---|"]
     lines += [row for _, row in sorted(rows)]
     return "\n".join(lines + ([""] + failed if failed else [])) + "\n"
 

@@ -225,6 +225,23 @@ def test_head_start_at_growth_reads_the_loss_before_the_last_growth():
     assert head_start_at_growth(run, [(0.0, 3.0), (30.0, 1.7)]) is None
 
 
+def test_post_growth_speed_compares_the_same_stretch_of_loss():
+    from growth_vs_scratch import post_growth_speed
+
+    # (b): 3.0 -> 1.0 linearly over 20 FLOPs, so 10 FLOPs from 2.0 (at 10) to its final
+    # 1.0 (at 20). The run grows at 5 with 2.0 (its best before the growth; 2.4 after it
+    # must not count) and reaches 1.0 at 10: 5 FLOPs, twice (b)'s pace.
+    scratch = {"final_val_loss": 1.0, "curve": [(0.0, 3.0), (20.0, 1.0)]}
+    run = {"growth_flops": [2.0, 5.0],
+           "curve": [(0.0, 3.0), (4.0, 2.0), (5.0, 2.1), (6.0, 2.4), (10.0, 1.0), (12.0, 0.9)]}
+    assert post_growth_speed(run, scratch) == pytest.approx(2.0)
+    # reaching (b)'s final at 15 instead: 10 FLOPs, (b)'s pace
+    slower = dict(run, curve=[*run["curve"][:4], (15.0, 1.0)])
+    assert post_growth_speed(slower, scratch) == pytest.approx(1.0)
+    never = dict(run, curve=run["curve"][:4])
+    assert post_growth_speed(never, scratch) is None
+
+
 def test_head_start_bound_inverts_the_fit_and_depends_only_on_the_ratio():
     from head_start_bound import (
         CHINCHILLA,
@@ -263,3 +280,37 @@ def test_head_start_bound_inverts_the_fit_and_depends_only_on_the_ratio():
         head_start_bound(fit, 1e6, 1.0)
     with pytest.raises(SystemExit):
         main(["--ratios", "0.5"])
+
+
+def test_recipe_table_has_a_row_per_recipe_best_first_and_refuses_another_arm_b(tmp_path):
+    from recipe_table import table
+
+    b_runs = [{"seed": 0, "final_val_loss": 1.0, "curve": [(0.0, 3.0), (20.0, 1.0)]}]
+
+    def arm(final, reach_at, items=None):
+        a = {"final_val_loss": {"mean": final, "std": 0.0},
+             "flops_to_target": {"scratch_final": {"fraction_of_budget": reach_at / 20,
+                                                   "seeds_reached": 1, "per_seed": [reach_at]}},
+             "post_growth_spike": {"phase3": {"mean": 0.01, "max": 0.02}},
+             "runs": [{"seed": 0, "final_val_loss": final, "growth_flops": [5.0],
+                       "curve": [(0.0, 3.0), (5.0, 2.0), (reach_at, 1.0), (20.0, final)]}]}
+        return a if items is None else {**a, "items": items}
+
+    result = {"preset": "micro", "budget_flops": 20.0,
+              "arms": {"pipeline": arm(0.95, 15.0),
+                       "scratch": {"runs": b_runs, "best_lr": 3e-3,
+                                   "final_val_loss": {"mean": 1.0, "std": 0.0}},
+                       "source": {"final_val_loss": {"mean": 1.1, "std": 0.0}}},
+              "variants": {"fast": arm(0.9, 10.0, ["phase3.lr=2e-3"])}}
+    first = tmp_path / "a.json"
+    first.write_text(json.dumps(result))
+    rows = [line for line in table([first]).splitlines() if line.startswith("| ")][1:]
+    assert len(rows) == 2
+    assert rows[0].startswith("| phase3.lr=2e-3 | 100% | 0.9000")  # best final first
+    assert rows[0].endswith("| 2.00 |")  # (b) takes 10 FLOPs from 2.0 to 1.0, the recipe 5
+    assert rows[1].endswith("| 1.00 |")
+    other = tmp_path / "b.json"
+    b_runs[0]["final_val_loss"] = 1.01
+    other.write_text(json.dumps(result))
+    with pytest.raises(SystemExit, match="arm \\(b\\) differs"):
+        table([first, other])
