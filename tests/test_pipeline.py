@@ -346,9 +346,9 @@ def test_resume_refuses_to_change_the_run(reference_run, capsys):
     assert "--resume cannot change ['phase1.lr']" in capsys.readouterr().err
 
 
-def _corrupt_width_growth(monkeypatch):
+def _corrupt_width_growth(monkeypatch, operator: str = "scale_bilaterally"):
     """Plant a weight-expansion bug: one grown tensor is scaled after a correct growth."""
-    real = growth.scale_bilaterally
+    real = getattr(growth, operator)
 
     def broken(*a, **k):
         model = real(*a, **k)
@@ -356,7 +356,7 @@ def _corrupt_width_growth(monkeypatch):
             model.layers[0].attn.o_proj.weight.mul_(3.0)
         return model
 
-    monkeypatch.setattr(growth, "scale_bilaterally", broken)
+    monkeypatch.setattr(growth, operator, broken)
 
 
 def test_failed_check_stops_the_run_and_continue_resumes_it(tmp_path, monkeypatch, capsys):
@@ -414,3 +414,40 @@ def test_train_after_growth_new_keeps_every_old_entry_and_logs_the_monitor(tmp_p
     assert all(0 < r["router_max_topk_share"] <= 1 for r in monitor)
     assert all(r["min_twin_divergence"] > 0 for r in monitor if r["phase"] == 3)
 
+
+
+def test_stack_mode_checks_the_widening_exactly_then_stacks(tmp_path, monkeypatch):
+    """--depth-mode stack (G_stack changes the function by design): the width step is grown
+    and checked alone (every check passes, functional identity included, and the loss is
+    unchanged), then the layers are stacked; the run needs no --continue-on-failed-check,
+    its grown model is the one scale_bilaterally(depth_mode="stack") makes, and the
+    stacking's loss change is reported. A planted width bug still stops the run."""
+    code, run = run_main(tmp_path, "stack", "--depth-mode", "stack", "--keep-checkpoints", "10")
+    assert code == 0
+    report = json.loads((run / "verify_phase3_scale_bilaterally.json").read_text())
+    assert report["passed"] and report["check_passed"] and report["val_ok"]
+    status = {c["name"]: c["status"] for c in report["check"]["checks"]}
+    assert status["functional_identity"] == "PASSED", status
+    assert report["val_rel_change"] <= report["val_tolerance"]
+    stack = report["depth_stack"]
+    assert stack["val_loss_after"] != report["val_loss_after"]  # the function changed
+    assert report["new_model_config"]["n_layers"] == 3
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["growth"]["phase3"]["val_loss_after"] == stack["val_loss_after"]
+
+    cfg = json.loads((run / "config.json").read_text())
+    moe = load_model(sorted((run / "checkpoints").glob("*phase2-end"))[-1])
+    expected = growth.scale_bilaterally(moe, 2, 1, cfg["noise_std"], depth_mode="stack",
+                                        seed=cfg["seed"])
+    grown = Trainer.__new__(Trainer)  # only the growth steps, as grow_into runs them
+    grown.cfg = TrainConfig.from_dict(cfg)
+    made = grown._stack(grown._grow(3, moe))
+    assert [r.op for r in made.growth_records] == [r.op for r in expected.growth_records]
+    for (name, p), (name2, q) in zip(made.state_dict().items(), expected.state_dict().items()):
+        assert name == name2 and torch.equal(p, q), name
+
+    _corrupt_width_growth(monkeypatch, operator="grow_width")
+    code, bad = run_main(tmp_path, "stack-bad", "--depth-mode", "stack")
+    assert code == 1
+    report = json.loads((bad / "verify_phase3_scale_bilaterally.json").read_text())
+    assert not report["check_passed"] and "depth_stack" not in report

@@ -157,7 +157,7 @@ class TrainConfig:
     extra_layers: int = 2
     """phase 3: layers added after widening, >= 0"""
     depth_mode: Literal["identity", "stack"] = "identity"
-    """phase 3 depth growth: 'identity' (function-preserving) or 'stack' (G_stack; changes the function, so its check fails by design)"""
+    """phase 3 depth growth: 'identity' (function-preserving) or 'stack' (G_stack: changes the function by design; the widening is checked alone first, then the layers are stacked and the loss change reported)"""
     noise_std: float = 1e-5
     """phase 3: std of the zero-sum symmetry-breaking noise"""
     check_tolerance: float = 1e-4

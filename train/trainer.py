@@ -525,8 +525,25 @@ class Trainer:
             calibration = self.probe() if cfg.router_init == "hidden_pca" else None
             return growth.upcycle_to_moe(old, cfg.n_experts, cfg.top_k, seed=cfg.seed,
                                          router_init=cfg.router_init, calibration=calibration)
+        if self._stacks(phase):
+            # G_stack changes the function by design: the width step, which must not, is
+            # grown and checked alone first (grow_into stacks the layers after its checks).
+            return growth.grow_width(old, cfg.scale_factor, noise_std=cfg.noise_std, seed=cfg.seed)
         return growth.scale_bilaterally(old, cfg.scale_factor, cfg.extra_layers, cfg.noise_std,
                                         depth_mode=cfg.depth_mode, seed=cfg.seed)
+
+    def _stacks(self, phase: int) -> bool:
+        """Whether phase ``phase``'s growth ends with G_stack layers (``depth_mode="stack"``)."""
+        return phase == 3 and self.cfg.depth_mode == "stack" and self.cfg.extra_layers > 0
+
+    def _stack(self, wide: torch.nn.Module) -> torch.nn.Module:
+        """The widened (and checked) model deepened by G_stack, its records as
+        ``scale_bilaterally`` leaves them (width, then depth) for the Adam-state transfer."""
+        import growkit.growth as growth
+
+        grown = growth.grow_depth(wide, self.cfg.extra_layers, mode="stack")
+        grown.growth_records = list(wide.growth_records) + list(grown.growth_records)
+        return grown
 
     def _whole_model(self) -> tuple[Transformer, torch.optim.AdamW]:
         """(hook) The model to grow and the AdamW that trained it, whole on this process."""
@@ -574,6 +591,19 @@ class Trainer:
             "new_model_config": new_model.config.to_dict(),
             "grow_s": t_grow, "check_s": t_check,
         }
+        if self._stacks(phase) and (report["passed"] or cfg.continue_on_failed_check):
+            # Checked above: the widening, exact. The stacked layers change the function by
+            # design (Du et al. 2024: it then learns faster): their effect is reported, not judged.
+            new_model = self._stack(new_model).to(self.device)
+            new_model.train()
+            val_stacked = self.evaluate(new_model)
+            report["depth_stack"] = {
+                "extra_layers": cfg.extra_layers, "val_loss_after": val_stacked,
+                "val_rel_change": (val_stacked - val_after) / max(abs(val_after), 1e-12),
+                "new_model_config": new_model.config.to_dict(),
+                "note": "G_stack copies layers: the function changes by design; the checks "
+                        "and the loss tolerance above judge the width growth alone"}
+            report["new_model_config"] = new_model.config.to_dict()
         self._write_json(self.run_dir / report_name, report)
         # The text report, as detailed_growth_check prints it (the JSON file has the same).
         text = full_text or short_text
@@ -584,6 +614,14 @@ class Trainer:
             f"{val_after:.4f} ({100 * rel:.3f}% change, limit {100 * cfg.val_tolerance:g}%) "
             f"{'ok' if val_ok else 'TOO LARGE'}; report {report_name} "
             f"(grow {t_grow:.1f}s, check {t_check:.1f}s)")
+        if "depth_stack" in report:
+            st = report["depth_stack"]
+            self._say(f"  then {cfg.extra_layers} layers stacked (G_stack, not function-"
+                      f"preserving by design): val loss {val_after:.4f} -> "
+                      f"{st['val_loss_after']:.4f} ({100 * st['val_rel_change']:+.2f}%)")
+            # what the run records from here on: the model that trains, against the loss before
+            val_after = st["val_loss_after"]
+            rel = abs(val_after - val_before) / max(abs(val_before), 1e-12)
         s["checks"][f"phase{phase}"] = {
             "event": event, "passed": report["passed"], "check_passed": passed,
             "val_ok": val_ok, "report": report_name}
