@@ -356,9 +356,9 @@ RUN_ONLY_FIELDS = ("out_dir", "run_dir", "name", "progress", "plot", "threads",
                    "checkpoint_every", "keep_checkpoints", "token_cache_dir")
 #: Fields that change the pipeline's run but neither arm (b) nor arm (c): what happens
 #: at and after the growths (the budget is checked on its own); a phase's name covers
-#: all of its settings. Phase 1's floor is the pipeline's only (train_arm decays to the
-#: run's floor).
-PIPELINE_ONLY_FIELDS = ("phase1.min_lr_ratio", "phase2", "phase3", "noise_std",
+#: all of its settings. Phase 1's floor and its steps (when to grow) are the pipeline's
+#: only: train_arm runs phase 1's warmup and rate over its own steps, down to the run's floor.
+PIPELINE_ONLY_FIELDS = ("phase1.min_lr_ratio", "phase1.steps", "phase2", "phase3", "noise_std",
                         "reset_optimizer", "router_init", "train_after_growth", "depth_mode",
                         "check_tolerance", "val_tolerance", "probe_batch_size",
                         "continue_on_failed_check", "post_growth_evals")

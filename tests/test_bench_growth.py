@@ -167,6 +167,12 @@ def test_reusable_arms_takes_only_a_matching_earlier_result(tmp_path):
     # Phase 1's own floor too (the arms decay to the run's), but not phase 1's rate.
     path.write_text(json.dumps(_result(preset_config("tiny", **{"phase1.min_lr_ratio": 0.5}))))
     assert reusable_arms(path, base, [0], lrs)["pipeline"] is None
+    # When to grow (the arms take phase 1's warmup and rate over their own steps), with
+    # phase 3 given the steps that keep the budget.
+    later = fill_budget(preset_config("tiny", **{"phase1.steps": 1000}), 257,
+                        pipeline_flops(base, 257))
+    path.write_text(json.dumps(_result(later)))
+    assert reusable_arms(path, base, [0], lrs)["pipeline"] is None
     path.write_text(json.dumps(_result(preset_config("tiny", **{"phase1.lr": 1e-3}))))
     with pytest.raises(ValueError, match="phase1.lr"):
         reusable_arms(path, base, [0], lrs)
