@@ -129,12 +129,17 @@ SHARED_FIELDS = ("data", "val_data", "max_stories", "val_fraction", "tokenizer",
                  "dtype")
 
 
+def loss_at_growth(run: dict) -> tuple[float, float]:
+    """(FLOPs, validation loss) of a pipeline run at its last growth: the best loss up to it."""
+    g = run["growth_flops"][-1]
+    return g, min(l for f, l in run["curve"] if f <= g)
+
+
 def head_start_at_growth(run: dict, scratch_curve: Curve) -> float | None:
     """FLOPs (b) needs to reach the loss a pipeline run had at its last growth, minus the
     FLOPs the run had spent then: the lead a function-preserving growth hands the grown
     model (None if (b) never reaches that loss)."""
-    g = run["growth_flops"][-1]
-    loss = min(l for f, l in run["curve"] if f <= g)  # the best loss up to the growth
+    g, loss = loss_at_growth(run)
     reach = flops_to_reach(scratch_curve, loss)
     return None if reach is None else reach - g
 
@@ -146,8 +151,7 @@ def post_growth_speed(run: dict, scratch_run: dict) -> float | None:
     the growth to that same loss. 1 is (b)'s pace; above 1 the grown model learns faster
     than a fresh one, which a recipe needs to beat the head start it is handed (None when
     either never gets there, or the growth left no loss to make up)."""
-    g = run["growth_flops"][-1]
-    start = min(l for f, l in run["curve"] if f <= g)  # the best loss up to the growth
+    g, start = loss_at_growth(run)
     target = scratch_run["final_val_loss"]
     b_from, b_to = (flops_to_reach(scratch_run["curve"], x) for x in (start, target))
     a_to = flops_to_reach(run["curve"], target)
