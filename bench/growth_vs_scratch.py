@@ -23,9 +23,9 @@ spends):
 every seed against the same (b) and (c): when to grow (``phase1.steps``), the learning
 rate and warmup after growth (``phase3.lr``, ``phase3.warmup_frac``), the schedule
 before it (``phase1.min_lr_ratio=1``: no decay before the growth), ``noise_std``,
-``reset_optimizer``, a smaller source with larger growth factors (``d_model``,
-``n_heads``, ``d_ff``, ``scale_factor``, ``n_layers``, ``extra_layers``, as long as the grown
-model is still (b)'s architecture)... Phase 3 of a variant gets as many steps as
+``reset_optimizer``, ``depth_mode`` (``identity`` or ``stack``: G_stack layers), a smaller
+source with larger growth factors (``d_model``, ``n_heads``, ``d_ff``, ``scale_factor``,
+``n_layers``, ``extra_layers``, as long as the grown model is still (b)'s architecture)... Phase 3 of a variant gets as many steps as
 spend the default pipeline's FLOPs, so every arm still has the same budget, or, with
 ``budget=F``, that fraction of it (a shorter run with its whole schedule: what a user
 with only that much compute would run). A recipe *pays* (issue 10's goal) when it
@@ -36,7 +36,8 @@ split and the batches, shared by the arms of that seed). The report gives each a
 final validation loss (mean, standard deviation, min, max over seeds), the FLOPs at which
 each arm first reaches (b)'s final loss and (c)'s final loss (linear interpolation
 between evaluations; the mean over seeds, None when a seed never reaches it), each
-growth's post-growth loss spike, and whether (b) ends below (c): only where it does can
+growth's post-growth loss spike, the grown model's pace after its last growth relative to
+(b) (``post_growth_speed``), and whether (b) ends below (c): only where it does can
 growth pay, since below that budget the small model trained on is the better use of the
 compute. Writes ``<results-dir>/growth_vs_scratch_<preset>[_quick]_<data>.json`` and a
 ``.png`` with all three arms' validation loss against FLOPs (mean over seeds, band from
