@@ -558,7 +558,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         # the upcycling +1.0% (max 1.4%), after widening and deepening +0.1% (max 0.1%), where
         # the previous settings rose +0.7% and +1.8%. Phase-3 rates 5e-4, 7e-4 and 1e-3 ended
         # within 0.003 of each other, 1.5e-3 at 1.162; growing without MoE training at 1.174
-        # (bench/results/growth_vs_scratch_tiny_embedded_recipes{1,2}.json). At this budget
+        # (bench/results/growth_vs_scratch_tiny_embedded_recipes{1,2}.json; G_stack layers ended
+        # at 1.158, with phase 1 cut to 600 steps at 1.182: ..._recipes3.json). At this budget
         # the phase-1 model trained on still ends lower (1.083): below the crossover.
         **_phases((1200, 300, 300), (3e-3, 3e-3, 1e-3), (0.08, 0.0, 0.0), (1.0, 1.0, None)),
         noise_std=5e-2,
