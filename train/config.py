@@ -572,7 +572,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # scratch overtakes the phase-1 model trained on (2.3e12, bench/crossover.py). For
     # bench/growth_vs_scratch.py: the budget where growth can matter.
     # NOTE: the growth recipe that reaches arm (b)'s final loss soonest among the 25 + 28 +
-    # 24 measured with bench/growth_vs_scratch.py --variant (2 seeds each; bench/results/
+    # 30 measured with bench/growth_vs_scratch.py --variant (2 seeds each; bench/results/
     # growth_vs_scratch_micro_embedded_recipes*.md). It grows early (step 700) and deepens
     # by G_stack (depth_mode "stack": the new layers copy trained ones, which changes the
     # function by design; the widening is still checked exactly on its own). Past the
