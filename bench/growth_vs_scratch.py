@@ -25,8 +25,8 @@ rate and warmup after growth (``phase3.lr``, ``phase3.warmup_frac``), the schedu
 before it (``phase1.min_lr_ratio=1``: no decay before the growth), ``noise_std``,
 ``reset_optimizer``, ``depth_mode`` (``identity`` or ``stack``: G_stack layers), a smaller
 source with larger growth factors (``d_model``, ``n_heads``, ``d_ff``, ``scale_factor``,
-``n_layers``, ``extra_layers``, as long as the grown model is still (b)'s architecture)... Phase 3 of a variant gets as many steps as
-spend the default pipeline's FLOPs, so every arm still has the same budget, or, with
+``n_layers``, ``extra_layers``, as long as the grown model is still (b)'s architecture)...
+Phase 3 of a variant gets as many steps as spend the default pipeline's FLOPs, so every arm still has the same budget, or, with
 ``budget=F``, that fraction of it (a shorter run with its whole schedule: what a user
 with only that much compute would run). A recipe *pays* (issue 10's goal) when it
 reaches (b)'s final loss with at most half of (b)'s FLOPs and ends below (c).
@@ -748,12 +748,12 @@ def main(argv=None) -> dict:
                 "fraction_of_budget": None if mean is None else mean / budget}
     # Issue 10's goal for a growth recipe: (b)'s final loss with at most half of (b)'s
     # FLOPs, and a final loss below (c)'s.
+    b_of = {s["seed"]: s for s in best_runs}
     for arm in [arms["pipeline"], *variant_arms.values()]:
         half = arm["flops_to_target"]["scratch_final"]["fraction_of_budget"]
         arm["reaches_scratch_final_by_half_budget"] = half is not None and half <= 0.5
         arm["below_source"] = arm["final_val_loss"]["mean"] < targets["source_final"]
         arm["pays"] = arm["reaches_scratch_final_by_half_budget"] and arm["below_source"]
-        b_of = {s["seed"]: s for s in best_runs}
         heads = [head_start_at_growth(r, b_of[r["seed"]]["curve"]) for r in arm["runs"]]
         speeds = [post_growth_speed(r, b_of[r["seed"]]) for r in arm["runs"]]
         arm["post_growth_speed_vs_scratch"] = {"per_seed": speeds, "mean": mean_or_none(speeds)}

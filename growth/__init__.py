@@ -7,7 +7,7 @@ One table of parameter roles (``roles.py``) drives every operator; an adapter
 
 from .adapters import FamilyAdapter, get_adapter, register_adapter, register_family, supported_families
 from .families import FAMILIES, QUIRKS, Family, Fused
-from .bilateral import scale_bilaterally
+from .bilateral import deepen_widened, scale_bilaterally
 from .depth import default_positions, grow_depth
 from .moe import DEFAULT_ROUTER_STD, upcycle_to_moe, upcycling_pairs
 from .masks import GrowthFreeze, freeze_for_growth, growth_param_groups, trainable_mask
@@ -31,6 +31,7 @@ __all__ = [
     "Role",
     "RoleRule",
     "Source",
+    "deepen_widened",
     "default_positions",
     "freeze_for_growth",
     "get_adapter",

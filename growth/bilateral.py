@@ -1,4 +1,4 @@
-"""Bilateral growth: width (HyperCloning), then depth, in one call."""
+"""Bilateral growth: width (HyperCloning), then depth, in one call (or two)."""
 
 from __future__ import annotations
 
@@ -44,7 +44,32 @@ def scale_bilaterally(
     n_layers = get_adapter(model, "bilateral growth").n_layers(model)
     positions = check_depth_args(extra_layers, depth_mode, positions, n_layers, mode_name="depth_mode")
     wide = widen(model, scale, noise_std, noise, seed)
-    width_records = wide.growth_records
-    grown = deepen(wide, int(extra_layers), depth_mode, positions)
-    grown.growth_records = width_records + grown.growth_records  # the history has both already
+    return _deepen_widened(wide, int(extra_layers), depth_mode, positions)
+
+
+def deepen_widened(
+    wide: nn.Module,
+    extra_layers: int,
+    depth_mode: str = "identity",
+    positions: list[int] | None = None,
+) -> nn.Module:
+    """The depth step of :func:`scale_bilaterally`, on a model :func:`grow_width` made (so
+    that the widening can be checked alone before a ``"stack"`` step changes the function).
+
+    Returns:
+        The deeper model; ``growth_records`` holds ``wide``'s width record, then the depth
+        record, as :func:`scale_bilaterally` leaves them (what ``transfer_adam_state`` and
+        the growth masks read).
+    """
+    n_layers = get_adapter(wide, "bilateral growth").n_layers(wide)
+    positions = check_depth_args(extra_layers, depth_mode, positions, n_layers, mode_name="depth_mode")
+    return _deepen_widened(wide, int(extra_layers), depth_mode, positions)
+
+
+def _deepen_widened(wide: nn.Module, extra_layers: int, depth_mode: str,
+                    positions: list[int] | None) -> nn.Module:
+    """:func:`deepen_widened` on arguments already checked."""
+    grown = deepen(wide, extra_layers, depth_mode, positions)
+    # growth_records: this call's (width, then depth); the history has both already
+    grown.growth_records = list(wide.growth_records) + list(grown.growth_records)
     return grown

@@ -350,3 +350,20 @@ def test_identity_blocks_stay_small_after_a_training_step(family):
 
     fresh = grow_depth(m, 1, mode="identity", positions=[0])
     assert zero_writer_layers(fresh) == [False, True, False, False]
+
+
+@pytest.mark.parametrize("depth_mode", ["identity", "stack"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_deepen_widened_is_scale_bilaterally_in_two_calls(family, depth_mode):
+    """Widening, then deepen_widened (the pipeline checks the widening in between when it
+    stacks): the same weights, config and growth records as scale_bilaterally in one call."""
+    model = tiny_model(family)
+    one = growth.scale_bilaterally(model, 2, 2, noise_std=1e-2, depth_mode=depth_mode, seed=3)
+    wide = growth.grow_width(model, 2, noise_std=1e-2, seed=3)
+    two = growth.deepen_widened(wide, 2, depth_mode)
+    assert type(two) is type(one) and two.config.to_dict() == one.config.to_dict()
+    assert [r.op for r in two.growth_records] == [r.op for r in one.growth_records] == ["width", "depth"]
+    a, b = one.state_dict(), two.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="depth_mode"):
+        growth.deepen_widened(wide, 2, "copy")

@@ -415,7 +415,6 @@ def test_train_after_growth_new_keeps_every_old_entry_and_logs_the_monitor(tmp_p
     assert all(r["min_twin_divergence"] > 0 for r in monitor if r["phase"] == 3)
 
 
-
 def test_stack_mode_checks_the_widening_exactly_then_stacks(tmp_path, monkeypatch):
     """--depth-mode stack (G_stack changes the function by design): the width step is grown
     and checked alone (every check passes, functional identity included, and the loss is

@@ -552,8 +552,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         n_experts=4, top_k=2, scale_factor=2, extra_layers=2,
         # NOTE: the micro preset's function-preserving recipe (below), scaled: phases 1 and 2
         # hold their peak rate 3e-3 until the next growth (no decay, no phase-2 warmup), phase
-        # 3 continues at 1e-3 without warmup, zero-sum noise 5e-2. Final validation loss 1.156 +- 0.016 (seeds 0 /
-        # 1) against 1.218 +- 0.016 for the previous settings (decayed phases, rates 3e-3 /
+        # 3 continues at 1e-3 without warmup, zero-sum noise 5e-2. Final validation loss
+        # 1.156 +- 0.016 (seeds 0 / 1) against 1.218 +- 0.016 for the previous settings (decayed phases, rates 3e-3 /
         # 5e-4 / 3e-4, 25% phase-3 warmup, noise 1e-5); loss rise in the first quarter after
         # the upcycling +1.0% (max 1.4%), after widening and deepening +0.1% (max 0.1%), where
         # the previous settings rose +0.7% and +1.8%. Phase-3 rates 5e-4, 7e-4 and 1e-3 ended

@@ -541,9 +541,7 @@ class Trainer:
         ``scale_bilaterally`` leaves them (width, then depth) for the Adam-state transfer."""
         import growkit.growth as growth
 
-        grown = growth.grow_depth(wide, self.cfg.extra_layers, mode="stack")
-        grown.growth_records = list(wide.growth_records) + list(grown.growth_records)
-        return grown
+        return growth.deepen_widened(wide, self.cfg.extra_layers, "stack")
 
     def _whole_model(self) -> tuple[Transformer, torch.optim.AdamW]:
         """(hook) The model to grow and the AdamW that trained it, whole on this process."""
@@ -600,7 +598,6 @@ class Trainer:
             report["depth_stack"] = {
                 "extra_layers": cfg.extra_layers, "val_loss_after": val_stacked,
                 "val_rel_change": (val_stacked - val_after) / max(abs(val_after), 1e-12),
-                "new_model_config": new_model.config.to_dict(),
                 "note": "G_stack copies layers: the function changes by design; the checks "
                         "and the loss tolerance above judge the width growth alone"}
             report["new_model_config"] = new_model.config.to_dict()
