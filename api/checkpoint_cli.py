@@ -62,6 +62,8 @@ class GrowArgs:
     """identity (function-preserving) or stack (G_stack)"""
     positions: Optional[list[int]] = None
     """source layers after which the new layers go (default: spread evenly)"""
+    stack_scale: Optional[float] = None
+    """depth_mode stack only: the copies' residual writers times this, in [0, 1] (default 1; 0: identity layers)"""
     moe: int = 0
     """experts per layer to upcycle the dense MLPs into (0: no upcycling)"""
     top_k: int = 2
@@ -103,7 +105,7 @@ def grow(args: GrowArgs) -> int:
         args.dtype, args.max_shard_size, args.device, args.plan, args.overwrite, args.progress)
     import torch
 
-    from growkit.growth.depth import check_depth_args, plan_depth
+    from growkit.growth.depth import check_depth_args, check_stack_scale, plan_depth
     from growkit.growth.moe import check_moe_args, plan_moe, resolve_moe_layers, target_adapter
     from growkit.growth.stream import grow_checkpoint
     from growkit.growth.width import check_width_args, plan_width
@@ -111,6 +113,7 @@ def grow(args: GrowArgs) -> int:
     # width 1 means "no width growth"
     _, noise_std, seed = check_width_args(None if width == 1 else width, noise_std, noise, seed, scale_name="width",
                                           optional=True)
+    stack_scale = check_stack_scale(args.stack_scale, depth_mode, mode_name="depth_mode")
     moe_layers, router_init = args.moe_layers, args.router_init
     if router_init == "hidden_pca":
         raise BadInput("--router-init hidden_pca needs a forward pass of the dense model on calibration tokens, "
@@ -147,7 +150,7 @@ def grow(args: GrowArgs) -> int:
         if depth:
             n_layers = int(adapter.cfg(config, "n_layers"))
             pos = check_depth_args(depth, depth_mode, positions, n_layers, mode_name="depth_mode")
-            plans.append(plan_depth(adapter, config, specs, tied, depth, depth_mode, pos))
+            plans.append(plan_depth(adapter, config, specs, tied, depth, depth_mode, pos, stack_scale))
         return plans
 
     torch_dtype = None if dtype == "keep" else getattr(torch, DTYPES[dtype])

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from .adapters import get_adapter
-from .depth import check_depth_args, deepen
+from .depth import check_depth_args, check_stack_scale, deepen
 from .width import check_width_args, widen
 
 
@@ -17,6 +17,7 @@ def scale_bilaterally(
     *,
     depth_mode: str = "identity",
     positions: list[int] | None = None,
+    stack_scale: float | None = None,
     noise: str = "zero_sum",
     seed: int = 0,
 ) -> nn.Module:
@@ -32,6 +33,8 @@ def scale_bilaterally(
         noise_std: zero-sum symmetry-breaking noise of the width step.
         depth_mode: ``"identity"`` or ``"stack"`` (see ``grow_depth``).
         positions: where the new layers go (see ``grow_depth``).
+        stack_scale: ``"stack"`` only: the stacked copies' residual writers times this, in
+            [0, 1] (default 1; 0: identity layers in G_stack's places; see ``grow_depth``).
         noise: ``"zero_sum"`` or ``"independent"``.
         seed: noise seed.
 
@@ -43,8 +46,9 @@ def scale_bilaterally(
     # Width growth keeps the layer count, so the depth arguments are checked against the source.
     n_layers = get_adapter(model, "bilateral growth").n_layers(model)
     positions = check_depth_args(extra_layers, depth_mode, positions, n_layers, mode_name="depth_mode")
+    stack_scale = check_stack_scale(stack_scale, depth_mode, mode_name="depth_mode")
     wide = widen(model, scale, noise_std, noise, seed)
-    return _deepen_widened(wide, int(extra_layers), depth_mode, positions)
+    return _deepen_widened(wide, int(extra_layers), depth_mode, positions, stack_scale)
 
 
 def deepen_widened(
@@ -52,6 +56,7 @@ def deepen_widened(
     extra_layers: int,
     depth_mode: str = "identity",
     positions: list[int] | None = None,
+    stack_scale: float | None = None,
 ) -> nn.Module:
     """The depth step of :func:`scale_bilaterally`, on a model :func:`grow_width` made (so
     that the widening can be checked alone before a ``"stack"`` step changes the function).
@@ -63,13 +68,14 @@ def deepen_widened(
     """
     n_layers = get_adapter(wide, "bilateral growth").n_layers(wide)
     positions = check_depth_args(extra_layers, depth_mode, positions, n_layers, mode_name="depth_mode")
-    return _deepen_widened(wide, int(extra_layers), depth_mode, positions)
+    stack_scale = check_stack_scale(stack_scale, depth_mode, mode_name="depth_mode")
+    return _deepen_widened(wide, int(extra_layers), depth_mode, positions, stack_scale)
 
 
 def _deepen_widened(wide: nn.Module, extra_layers: int, depth_mode: str,
-                    positions: list[int] | None) -> nn.Module:
+                    positions: list[int] | None, stack_scale: float) -> nn.Module:
     """:func:`deepen_widened` on arguments already checked."""
-    grown = deepen(wide, extra_layers, depth_mode, positions)
+    grown = deepen(wide, extra_layers, depth_mode, positions, stack_scale)
     # growth_records: this call's (width, then depth); the history has both already
     grown.growth_records = list(wide.growth_records) + list(grown.growth_records)
     return grown

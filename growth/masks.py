@@ -233,7 +233,8 @@ def _step(k: int, rec: GrowthRecord, new_name: str, src: Source, inp: Den, layer
         if _layer_index(layer_rx, src.name) != src_layer:
             raise ValueError(f"{where}: the layer_map says new layer {layer} comes from layer {src_layer}, "
                              f"but its source is {src.name!r}")
-        expected = {"original": ("copy",), "copy": ("copy",), "identity": ("zero", "identity_copy")}.get(kind)
+        expected = {"original": ("copy",), "copy": ("copy", "scaled_copy"),
+                    "identity": ("zero", "identity_copy")}.get(kind)
         if expected is None or src.kind not in expected:
             raise ValueError(f"{where}: a {src.kind!r} tensor in a layer the layer_map calls {kind!r}")
         return inp if kind == "original" else None

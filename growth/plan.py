@@ -84,6 +84,14 @@ def copy_of(name: str) -> Callable[[Getter], torch.Tensor]:
     return lambda get: get(name).clone()
 
 
+def scaled_copy_of(name: str, factor: float, zero: float = 0.0) -> Callable[[Getter], torch.Tensor]:
+    """A maker: ``factor * (t - zero) + zero`` of source tensor ``name`` (a gain whose zero
+    value is ``zero``, -1 for a ``(1 + w)`` norm, scaled in effect; its dtype kept)."""
+    if zero == 0.0:
+        return lambda get: get(name) * factor
+    return lambda get: (get(name) - zero) * factor + zero
+
+
 def zeros_like_source(name: str, value: float = 0.0) -> Callable[[Getter], torch.Tensor]:
     """A maker: zeros (or ``value``) shaped like source tensor ``name`` (its device and dtype)."""
     if value == 0.0:

@@ -24,6 +24,8 @@ class Source:
     kind:
         ``widen``: the source tiled by the role's repeats (``scale``);
         ``copy``: an exact copy of the source (kept layers, stacked layers);
+        ``scaled_copy``: a stacked copy of a residual writer (or output-norm gain) damped
+        by ``grow_depth``'s ``stack_scale`` (the depth record's settings hold the factor);
         ``zero``: zeros shaped like the source (projections of an identity layer that write
         to the residual stream; in a family with output norms, those norms' gain, whose
         zero is -1 for a ``(1 + w)`` norm);
@@ -73,9 +75,10 @@ class GrowthRecord:
                 factor = ROLE_RULES[src.role].gradient_factor(src.scale) ** moment
                 grown = tile_for_role(t, src.role, src.scale, divide=False)
                 out[new_name] = grown * factor if factor != 1.0 else grown
-            elif src.kind in ("copy", "identity_copy"):
-                # an identity layer's input side starts with zero gradient: fresh moments
-                out[new_name] = t.clone() if src.kind == "copy" else torch.zeros_like(t)
+            elif src.kind in ("copy", "scaled_copy", "identity_copy"):
+                # an identity layer's input side starts with zero gradient: fresh moments; a
+                # damped copy keeps the source's (Adam's step does not depend on the scale)
+                out[new_name] = torch.zeros_like(t) if src.kind == "identity_copy" else t.clone()
             elif src.kind == "zero":
                 out[new_name] = torch.zeros_like(t)
             elif src.kind == "experts":

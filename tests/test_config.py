@@ -171,6 +171,15 @@ def test_model_shape_errors_come_from_model_config():
         TrainConfig(d_model=12, n_heads=4)
 
 
+def test_stack_scale_belongs_to_stack_mode_and_lies_in_0_1():
+    assert TrainConfig(depth_mode="stack", stack_scale=0.25).stack_scale == 0.25
+    assert cli("--depth-mode", "stack", "--stack-scale", "0").stack_scale == 0.0
+    with pytest.raises(ValueError, match="stack_scale=0.5 applies to depth_mode 'stack' only"):
+        TrainConfig(stack_scale=0.5)
+    with pytest.raises(ValueError, match=r"TrainConfig\.stack_scale must be a finite number >= 0 and <= 1"):
+        TrainConfig(depth_mode="stack", stack_scale=1.5)
+
+
 def test_checks_run_after_tyro_parses_and_always_outside_it():
     cli("--d-model", "96")  # parsing defers the checks, and puts them back after
     with pytest.raises(ValueError, match="TrainConfig.batch_size"):

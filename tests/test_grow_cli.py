@@ -46,6 +46,11 @@ CASES = [
     ("qwen3", ["--moe", "4", "--top-k", "2", "--width", "2"], lambda m: grow_width(upcycle_to_moe(m, 4, 2), 2)),
     ("mixtral", ["--width", "2", "--max-shard-size", "100KB"], lambda m: grow_width(m, 2)),
     ("qwen2_moe", ["--depth", "1", "--positions", "0"], lambda m: grow_depth(m, 1, positions=[0])),
+    # identity blocks in G_stack's places (function-preserving, verified), and damped copies
+    ("gemma3_text", ["--width", "2", "--depth", "2", "--depth-mode", "stack", "--stack-scale", "0"],
+     lambda m: scale_bilaterally(m, 2, 2, depth_mode="stack", stack_scale=0)),
+    ("qwen2", ["--depth", "2", "--depth-mode", "stack", "--stack-scale", "0.5"],
+     lambda m: grow_depth(m, 2, mode="stack", stack_scale=0.5)),
 ]
 
 
@@ -76,7 +81,9 @@ def test_grow_round_trip_is_bitwise_and_verifies(tmp_path, family, args, grow, c
     data = json.loads(report.read_text())
     identity = [c for c in data["checks"] if c["name"] == "functional_identity"][0]
     # stacked copies change the function by design: measured, not judged
-    assert data["passed"] and identity["status"] == ("SKIPPED" if "stack" in args else "PASSED")
+    stack_scale = args[args.index("--stack-scale") + 1] if "--stack-scale" in args else None
+    by_design = "stack" in args and stack_scale != "0"  # --stack-scale 0: identity layers
+    assert data["passed"] and identity["status"] == ("SKIPPED" if by_design else "PASSED")
 
 
 def test_recipe_file_and_flags_override(tmp_path):
@@ -104,6 +111,10 @@ BAD = [
     (lambda t: ["grow", str(t / "src"), str(t / "dst")], "nothing to do"),
     (lambda t: ["grow", str(t / "src"), str(t / "dst"), "--width", "1.5"], ""),
     (lambda t: ["grow", str(t / "src"), str(t / "dst"), "--depth", "1", "--positions", "7"], "positions"),
+    (lambda t: ["grow", str(t / "src"), str(t / "dst"), "--depth", "1", "--stack-scale", "0.5"],
+     "stack_scale=0.5 applies to depth_mode='stack' only"),
+    (lambda t: ["grow", str(t / "src"), str(t / "dst"), "--depth", "1", "--depth-mode", "stack",
+                "--stack-scale", "2"], "stack_scale"),
     (lambda t: ["grow", str(t / "src"), str(t / "dst"), "--moe", "4", "--top-k", "9"], "top_k"),
     (lambda t: ["grow", str(t / "src"), str(t / "dst"), "--width", "2", "--max-shard-size", "lots"], "max_shard_size"),
     (lambda t: ["grow", str(t / "src"), str(t / "dst"), "--width", "2", "--bogus", "1"], ""),

@@ -221,6 +221,66 @@ def test_stack_mode_changes_the_function_as_documented():
     assert "NOT function-preserving" in doc and "changes the function" in doc
 
 
+@pytest.mark.parametrize("n_experts", [0, 4])
+def test_stack_scale_damps_what_the_stacked_copies_write(n_experts):
+    """stack_scale a: the copies' residual writers (o_proj, down_proj) are a times the
+    source's, every other tensor an exact copy; 1 is G_stack bit for bit; 0 is identity
+    blocks in G_stack's places (function-preserving)."""
+    from growkit.growth.records import GrowthRecord
+
+    model = randomize_(random_model(seed=10, n_experts=n_experts), seed=10)
+    ids = random_ids()
+    ref = logits(model, ids)
+    full = grow_depth(model, 3, mode="stack")
+    one = grow_depth(model, 3, mode="stack", stack_scale=1.0)
+    a, b = full.state_dict(), one.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert full.growth_records[-1].settings == one.growth_records[-1].settings
+
+    zero = grow_depth(model, 3, mode="stack", stack_scale=0)
+    rec = zero.growth_records[-1]
+    assert rec.function_preserving and rec.settings["stack_scale"] == 0.0
+    assert rec.layer_map == [(0, "original"), (1, "original"), (2, "original"),
+                             (0, "identity"), (1, "identity"), (2, "identity")]
+    assert rel_err(logits(zero, ids), ref) <= TOL
+
+    half = grow_depth(model, 3, mode="stack", stack_scale=0.5)
+    rec = half.growth_records[-1]
+    assert not rec.function_preserving and "0.5" in rec.notes[0]
+    assert rel_err(logits(half, ids), ref) > 1e-3
+    kinds = {name: src.kind for name, src in rec.sources.items() if ".5." in name}
+    assert kinds["layers.5.attn.o_proj.weight"] == "scaled_copy"
+    assert kinds["layers.5.attn.q_proj.weight"] == kinds["layers.5.attn_norm.weight"] == "copy"
+    for new_i in (3, 4, 5):
+        layer, src = half.layers[new_i], model.layers[new_i - 3]
+        down = (lambda m: m.mlp.experts.down_proj) if n_experts else (lambda m: m.mlp.down_proj.weight)
+        assert torch.equal(layer.attn.o_proj.weight, 0.5 * src.attn.o_proj.weight)
+        assert torch.equal(down(layer), 0.5 * down(src))
+        assert torch.equal(layer.attn.q_proj.weight, src.attn.q_proj.weight)
+        assert torch.equal(layer.mlp_norm.weight, src.mlp_norm.weight)
+    for i in range(3):  # the kept layers are untouched
+        assert torch.equal(half.layers[i].attn.o_proj.weight, model.layers[i].attn.o_proj.weight)
+    back = GrowthRecord.from_dict(rec.to_dict())
+    assert back.sources == rec.sources and back.settings == rec.settings
+    # the Adam moments of a damped copy are its source's (a scaled weight takes the same steps)
+    moments = rec.map_tensors({"layers.1.attn.o_proj.weight": torch.ones(3)})
+    assert torch.equal(moments["layers.4.attn.o_proj.weight"], torch.ones(3))
+
+
+def test_stack_scale_is_validated():
+    model = random_model(seed=9)
+    with pytest.raises(ValueError, match="stack_scale=0.5 applies to mode='stack' only"):
+        grow_depth(model, 1, mode="identity", stack_scale=0.5)
+    with pytest.raises(ValueError, match="stack_scale=0.5 applies to depth_mode='stack'"):
+        scale_bilaterally(model, 2, 1, depth_mode="identity", stack_scale=0.5)
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="stack_scale"):
+            grow_depth(model, 1, mode="stack", stack_scale=bad)
+    for bad in ("0.5", True):
+        with pytest.raises(TypeError, match="stack_scale"):
+            grow_depth(model, 1, mode="stack", stack_scale=bad)
+
+
 # --------------------------------------------------------------------------------------
 # MoE upcycling and bilateral growth
 # --------------------------------------------------------------------------------------

@@ -367,3 +367,31 @@ def test_deepen_widened_is_scale_bilaterally_in_two_calls(family, depth_mode):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ValueError, match="depth_mode"):
         growth.deepen_widened(wide, 2, "copy")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_stack_scale_on_every_family(family):
+    """stack_scale 0: identity blocks in G_stack's places, function-preserving and verified;
+    0.5: every tensor of a stacked copy as in G_stack, except what writes to the residual
+    stream (projections, or the output norms' effective gains, (1 + w) for Gemma), halved."""
+    model = tiny_model(family)
+    ids = probe(model)
+    zero = growth.grow_depth(model, 2, mode="stack", stack_scale=0)
+    assert max_rel(logits(zero, ids), logits(model, ids)) <= DEFAULT_TOL
+    report = verify.run_growth_checks(model, zero, ids, device="cpu", scale_factor=1)
+    assert report.passed, str(report)
+
+    full = growth.grow_depth(model, 2, mode="stack")
+    half = growth.grow_depth(model, 2, mode="stack", stack_scale=0.5)
+    offset = 1.0 if "norm_offset" in growth.get_adapter(model).family.quirks else 0.0
+    n_old = len(model.config.layer_types) if getattr(model.config, "layer_types", None) else model.config.num_hidden_layers
+    f, h = full.state_dict(), half.state_dict()
+    damped = [k for k in f if not torch.equal(f[k], h[k])]
+    assert damped, "no tensor was damped"
+    for k in damped:
+        assert any(f".{i}." in k for i in range(n_old, n_old + 2)), f"{k}: not in a stacked layer"
+        z = -offset if "norm" in k else 0.0
+        assert torch.allclose(h[k] - z, 0.5 * (f[k] - z), rtol=1e-6, atol=1e-7), k
+    # two residual writers per stacked layer at least (attention, MLP)
+    for i in range(n_old, n_old + 2):
+        assert sum(f".{i}." in k for k in damped) >= 2, (i, damped)

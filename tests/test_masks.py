@@ -175,10 +175,11 @@ def test_depth_new_layers_are_wholly_new_for_identity_and_stack():
     truth = depth_truth(grown, NEW_LAYERS_3_PLUS_2)
     for name, p in grown.named_parameters():
         assert masks[name] is (not bool(truth[name].all())), name
-    stacked = grow_depth(source, 3, mode="stack")  # [0 1 2 | 0 1 2]
-    masks = trainable_mask(stacked)
-    truth = depth_truth(stacked, {3, 4, 5})
-    assert all(masks[n] is (not bool(truth[n].all())) for n in masks)
+    for stack_scale in (1.0, 0.5, 0.0):  # full, damped copies, identity blocks in their places
+        stacked = grow_depth(source, 3, mode="stack", stack_scale=stack_scale)  # [0 1 2 | 0 1 2]
+        masks = trainable_mask(stacked)
+        truth = depth_truth(stacked, {3, 4, 5})
+        assert all(masks[n] is (not bool(truth[n].all())) for n in masks), stack_scale
 
 
 def test_chains_compose_and_new_stays_new(_bilateral, _widened):

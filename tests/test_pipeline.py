@@ -415,13 +415,15 @@ def test_train_after_growth_new_keeps_every_old_entry_and_logs_the_monitor(tmp_p
     assert all(r["min_twin_divergence"] > 0 for r in monitor if r["phase"] == 3)
 
 
-def test_stack_mode_checks_the_widening_exactly_then_stacks(tmp_path, monkeypatch):
+@pytest.mark.parametrize("stack_scale", [None, 0.25])
+def test_stack_mode_checks_the_widening_exactly_then_stacks(tmp_path, monkeypatch, stack_scale):
     """--depth-mode stack (G_stack changes the function by design): the width step is grown
     and checked alone (every check passes, functional identity included, and the loss is
     unchanged), then the layers are stacked; the run needs no --continue-on-failed-check,
     its grown model is the one scale_bilaterally(depth_mode="stack") makes, and the
     stacking's loss change is reported. A planted width bug still stops the run."""
-    code, run = run_main(tmp_path, "stack", "--depth-mode", "stack", "--keep-checkpoints", "10")
+    scale_args = () if stack_scale is None else ("--stack-scale", str(stack_scale))
+    code, run = run_main(tmp_path, "stack", "--depth-mode", "stack", "--keep-checkpoints", "10", *scale_args)
     assert code == 0
     report = json.loads((run / "verify_phase3_scale_bilaterally.json").read_text())
     assert report["passed"] and report["check_passed"] and report["val_ok"]
@@ -430,6 +432,7 @@ def test_stack_mode_checks_the_widening_exactly_then_stacks(tmp_path, monkeypatc
     assert report["val_rel_change"] <= report["val_tolerance"]
     stack = report["depth_stack"]
     assert stack["val_loss_after"] != report["val_loss_after"]  # the function changed
+    assert stack["stack_scale"] == (1.0 if stack_scale is None else stack_scale)
     assert report["new_model_config"]["n_layers"] == 3
     summary = json.loads((run / "summary.json").read_text())
     assert summary["growth"]["phase3"]["val_loss_after"] == stack["val_loss_after"]
@@ -437,7 +440,7 @@ def test_stack_mode_checks_the_widening_exactly_then_stacks(tmp_path, monkeypatc
     cfg = json.loads((run / "config.json").read_text())
     moe = load_model(sorted((run / "checkpoints").glob("*phase2-end"))[-1])
     expected = growth.scale_bilaterally(moe, 2, 1, cfg["noise_std"], depth_mode="stack",
-                                        seed=cfg["seed"])
+                                        stack_scale=stack_scale, seed=cfg["seed"])
     grown = Trainer.__new__(Trainer)  # only the growth steps, as grow_into runs them
     grown.cfg = TrainConfig.from_dict(cfg)
     made = grown._stack(grown._grow(3, moe))
@@ -450,3 +453,32 @@ def test_stack_mode_checks_the_widening_exactly_then_stacks(tmp_path, monkeypatc
     assert code == 1
     report = json.loads((bad / "verify_phase3_scale_bilaterally.json").read_text())
     assert not report["check_passed"] and "depth_stack" not in report
+
+
+def test_stack_scale_0_is_identity_layers_checked_with_the_widening(tmp_path, monkeypatch):
+    """--stack-scale 0: identity layers in G_stack's places, function-preserving, so the
+    whole growth (width and depth together) is grown and checked at once: no stacking step
+    after the checks, no loss change; a planted bug in the layers' writers stops the run."""
+    code, run = run_main(tmp_path, "stack0", "--depth-mode", "stack", "--stack-scale", "0",
+                         "--extra-layers", "2")
+    assert code == 0
+    report = json.loads((run / "verify_phase3_scale_bilaterally.json").read_text())
+    assert report["passed"] and "depth_stack" not in report
+    assert report["new_model_config"]["n_layers"] == 4
+    idents = [t["source"] for c in report["check"]["checks"] if c["name"] == "functional_identity"
+              for t in c["table"]]
+    assert "identity after old 1 (copy of old 0)" in idents, idents
+
+    real = growth.scale_bilaterally
+
+    def unzeroed(*a, **k):  # the stacked layers' writers left as full copies
+        grown = real(*a, **k)
+        with torch.no_grad():
+            grown.layers[-1].attn.o_proj.weight.copy_(grown.layers[0].attn.o_proj.weight)
+        return grown
+
+    monkeypatch.setattr(growth, "scale_bilaterally", unzeroed)
+    code, bad = run_main(tmp_path, "stack0-bad", "--depth-mode", "stack", "--stack-scale", "0",
+                         "--extra-layers", "2")
+    assert code == 1
+    assert not json.loads((bad / "verify_phase3_scale_bilaterally.json").read_text())["check_passed"]

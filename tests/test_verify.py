@@ -208,6 +208,24 @@ def test_width_plus_identity_depth_passes(dense, probe):
     assert report["functional_identity"].table[3]["source"] == "identity after old 1"
 
 
+def test_identity_blocks_in_stacked_places_pass_and_a_planted_writer_fails(dense, probe):
+    """stack_scale=0: identity blocks on top of the stack, each a copy of a layer it does not
+    follow; an identity layer passes through what the layer before it produced."""
+    grown = scale_bilaterally(dense, 2, 2, 1e-2, depth_mode="stack", stack_scale=0)
+    report = run_growth_checks(dense, grown, probe, scale_factor=2)
+    assert report.passed, str(report)
+    ident = report["functional_identity"]
+    assert ident.status == PASSED and ident.figures["layer_pairing"] == "growth_records"
+    assert [r["source"] for r in ident.table[1:-1]] == [
+        "old layer 0", "old layer 1", "identity after old 1 (copy of old 0)", "identity after old 1"]
+    bad = copy.deepcopy(grown)
+    with torch.no_grad():
+        bad.layers[2].attn.o_proj.weight.normal_(0, 0.1)
+    result = check_functional_identity_layerwise(dense, bad, probe, scale_factor=2)
+    assert result.status == FAILED and result.diagnosis == "identity_layer_not_identity"
+    assert result.where == "layer 2 (identity layer)"
+
+
 def test_moe_upcycle_passes(dense, probe, capsys):
     moe_model = upcycle_to_moe(dense, 4, 2)
     assert detailed_growth_check(dense, moe_model, probe, "cpu", scale_factor=1) is True
@@ -315,6 +333,31 @@ def test_router_check_does_not_blame_growth_for_a_collapse_in_the_source(probe):
     result = check_router_scaling(src, grow_depth(src, 1, mode="identity", positions=[0]), probe, scale_factor=1)
     assert result.status == FAILED and result.diagnosis == "routing_collapsed"
     assert [r["layer"] for r in result.table if r["status"] == "COLLAPSED"] == [1]
+
+
+def test_router_check_on_identity_blocks_in_stacked_places(probe):
+    """stack_scale=0 puts a copy of layer 0 after layer 1: it reads what old layer 1 read
+    after it, so its reference load is the more concentrated of old layer 0's and old layer
+    1's. A collapse neither had is still a failure."""
+    src = randomize_(Transformer(tiny_config(n_experts=4, top_k=2, d_ff=16)), seed=4)
+    with torch.no_grad():
+        src.layers[0].mlp.experts.down_bias[:, 0] = 30.0  # layer 0 writes a large dim 0
+        src.layers[0].mlp_norm.weight[0] = 5.0
+        src.layers[0].mlp.router.weight[:, 0] = torch.tensor([4.0, 3.0, -3.0, -4.0])
+        src.layers[1].mlp.router.weight[:, 0] = 0.0  # layer 1's router ignores that dim
+    shares = [r["topk_share_new"] for r in check_router_scaling(src, src, probe, scale_factor=1).table]
+    assert shares[0] < 0.9 and shares[1] < 0.9
+    result = check_router_scaling(src, grow_depth(src, 2, mode="stack", stack_scale=0), probe, scale_factor=1)
+    assert result.status == FAILED and result.diagnosis == "routing_collapsed"
+    assert [r["layer"] for r in result.table if r["status"] == "COLLAPSED"] == [2]
+    # old layer 1 routes that stream the same way (a collapse the source had): not blamed
+    with torch.no_grad():
+        src.layers[1].mlp_norm.weight[0] = 5.0
+        src.layers[1].mlp.router.weight[:, 0] = torch.tensor([4.0, 3.0, -3.0, -4.0])
+    assert check_router_scaling(src, src, probe, scale_factor=1).table[1]["topk_share_new"] >= 0.9
+    result = check_router_scaling(src, grow_depth(src, 2, mode="stack", stack_scale=0), probe, scale_factor=1)
+    assert result.status == PASSED, result.summary
+    assert result.table[2]["source"] == "identity after old 1 (copy of old 0)"
 
 
 def test_router_check_skips_dense_models(width_pair, probe):

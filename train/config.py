@@ -158,6 +158,8 @@ class TrainConfig:
     """phase 3: layers added after widening, >= 0"""
     depth_mode: Literal["identity", "stack"] = "identity"
     """phase 3 depth growth: 'identity' (function-preserving) or 'stack' (G_stack: changes the function by design; the widening is checked alone first, then the layers are stacked and the loss change reported)"""
+    stack_scale: float = 1.0
+    """depth_mode 'stack' only: the stacked copies' residual-writing projections times this, in [0, 1] (1: G_stack; 0: identity layers in its places, function-preserving and checked with the widening)"""
     noise_std: float = 1e-5
     """phase 3: std of the zero-sum symmetry-breaking noise"""
     check_tolerance: float = 1e-4
@@ -292,6 +294,10 @@ class TrainConfig:
         check("seed", seed)
         check("val_fraction", real_number, above=0, below=1, hint="e.g. 0.05")
         check("noise_std", real_number, min=0, hint="e.g. 1e-5")
+        check("stack_scale", real_number, min=0, max=1, hint="1: G_stack's full copies")
+        if self.depth_mode != "stack" and self.stack_scale != 1.0:
+            raise ValueError(f"TrainConfig.stack_scale={self.stack_scale!r} applies to depth_mode "
+                             "'stack' only (identity layers write 0): drop it or set depth_mode stack")
         check("check_tolerance", real_number, above=0, hint="e.g. 1e-4")
         check("val_tolerance", real_number, above=0, hint="e.g. 0.02")
         check("min_lr_ratio", real_number, min=0, max=1)

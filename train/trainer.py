@@ -530,18 +530,24 @@ class Trainer:
             # grown and checked alone first (grow_into stacks the layers after its checks).
             return growth.grow_width(old, cfg.scale_factor, noise_std=cfg.noise_std, seed=cfg.seed)
         return growth.scale_bilaterally(old, cfg.scale_factor, cfg.extra_layers, cfg.noise_std,
-                                        depth_mode=cfg.depth_mode, seed=cfg.seed)
+                                        depth_mode=cfg.depth_mode, seed=cfg.seed, **self._stack_args())
+
+    def _stack_args(self) -> dict[str, float]:
+        return {"stack_scale": self.cfg.stack_scale} if self.cfg.depth_mode == "stack" else {}
 
     def _stacks(self, phase: int) -> bool:
-        """Whether phase ``phase``'s growth ends with G_stack layers (``depth_mode="stack"``)."""
-        return phase == 3 and self.cfg.depth_mode == "stack" and self.cfg.extra_layers > 0
+        """Whether phase ``phase``'s growth ends with G_stack layers that change the function
+        (``depth_mode="stack"``, ``stack_scale`` > 0; at 0 they are identity layers, checked
+        with the widening)."""
+        cfg = self.cfg
+        return phase == 3 and cfg.depth_mode == "stack" and cfg.extra_layers > 0 and cfg.stack_scale > 0
 
     def _stack(self, wide: torch.nn.Module) -> torch.nn.Module:
         """The widened (and checked) model deepened by G_stack, its records as
         ``scale_bilaterally`` leaves them (width, then depth) for the Adam-state transfer."""
         import growkit.growth as growth
 
-        return growth.deepen_widened(wide, self.cfg.extra_layers, "stack")
+        return growth.deepen_widened(wide, self.cfg.extra_layers, "stack", **self._stack_args())
 
     def _whole_model(self) -> tuple[Transformer, torch.optim.AdamW]:
         """(hook) The model to grow and the AdamW that trained it, whole on this process."""
@@ -596,7 +602,8 @@ class Trainer:
             new_model.train()
             val_stacked = self.evaluate(new_model)
             report["depth_stack"] = {
-                "extra_layers": cfg.extra_layers, "val_loss_after": val_stacked,
+                "extra_layers": cfg.extra_layers, "stack_scale": cfg.stack_scale,
+                "val_loss_after": val_stacked,
                 "val_rel_change": (val_stacked - val_after) / max(abs(val_after), 1e-12),
                 "note": "G_stack copies layers: the function changes by design; the checks "
                         "and the loss tolerance above judge the width growth alone"}
@@ -613,7 +620,8 @@ class Trainer:
             f"(grow {t_grow:.1f}s, check {t_check:.1f}s)")
         if "depth_stack" in report:
             st = report["depth_stack"]
-            self._say(f"  then {cfg.extra_layers} layers stacked (G_stack, not function-"
+            damped = f", writers x{cfg.stack_scale:g}" if cfg.stack_scale != 1.0 else ""
+            self._say(f"  then {cfg.extra_layers} layers stacked (G_stack{damped}, not function-"
                       f"preserving by design): val loss {val_after:.4f} -> "
                       f"{st['val_loss_after']:.4f} ({100 * st['val_rel_change']:+.2f}%)")
             # what the run records from here on: the model that trains, against the loss before

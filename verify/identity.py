@@ -123,7 +123,7 @@ def identity_check(ctx: Comparison) -> CheckResult:
             p = pairing.pairs[layer]
             if p.kind == IDENTITY:
                 diag, where = "identity_layer_not_identity", f"layer {layer} (identity layer)"
-                cause = (f"new layer {layer}, inserted as an identity layer after old layer {p.old}, changes "
+                cause = (f"new layer {layer}, inserted as an identity layer ({p.describe()}), changes "
                          f"the hidden state (rel diff {h.rel[j]:.2e}): its residual-writing projections are not zero")
             else:
                 attn = _attention_broke(ctx, layer)

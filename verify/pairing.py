@@ -8,9 +8,10 @@ table; in a family with output norms, those norms' gains) are all zero are ident
 layers, and the others must be the old layers in order.
 
 For new layer j, ``ref_hidden`` is the index into the old model's hidden states that new
-hidden state j + 1 must equal (tiled): ``old + 1`` for a kept layer and for an identity
-layer inserted after old layer ``old`` (it passes its input through); ``None`` for a
-stacked copy, which changes the function by design.
+hidden state j + 1 must equal (tiled): ``old + 1`` for a kept layer; for an identity layer
+what the layer before it had to produce (it passes its input through: ``old + 1`` when it
+follows the layer it copies, as identity blocks do; not so for identity blocks in G_stack's
+places, ``stack_scale=0``); ``None`` for a stacked copy, which changes the function by design.
 """
 
 from __future__ import annotations
@@ -42,7 +43,10 @@ class LayerPair:
         if self.kind == ORIGINAL:
             return f"old layer {self.old}"
         if self.kind == IDENTITY:
-            return "identity (at the input)" if self.old is None else f"identity after old {self.old}"
+            if not self.ref_hidden:  # 0: at the input; None: after a stacked copy
+                return "identity (at the input)" if self.ref_hidden == 0 else f"identity (copy of old {self.old})"
+            after = f"identity after old {self.ref_hidden - 1}"
+            return after if self.ref_hidden - 1 == self.old else f"{after} (copy of old {self.old})"
         return f"copy of old {self.old}"
 
 
@@ -105,7 +109,11 @@ def _compose(maps: list[list[tuple[int, str]]], n_old: int, n_new: int) -> list[
             src, kind = m[src]
             kinds.append(kind)
         kind = COPY if COPY in kinds else IDENTITY if IDENTITY in kinds else ORIGINAL
-        pairs.append(LayerPair(j, src, kind, None if kind == COPY else src + 1))
+        if kind == IDENTITY:  # passes through what the layer before it produced
+            ref = 0 if j == 0 else pairs[j - 1].ref_hidden
+        else:
+            ref = None if kind == COPY else src + 1
+        pairs.append(LayerPair(j, src, kind, ref))
     return pairs
 
 

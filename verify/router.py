@@ -7,7 +7,8 @@ busiest expert, share of routing slots taken by the k busiest experts), so a col
 seen, not inferred: a layer collapses when its k busiest experts take at least
 ``collapse_share`` (0.9) of the slots (k/E when uniform, 1 when every token goes to the same
 k experts) and did not in the source (for a new identity layer or stacked copy: in the old
-layer whose router it copies).
+layer whose router it copies, nor, where the new layer does not follow that one, in the old
+layer whose output it reads).
 
 The router's input is the tiled hidden state, so a widened router must be [W/s, ..., W/s];
 copied undivided, every logit is multiplied by s (ratio ~ s), the softmax sharpens and
@@ -108,9 +109,17 @@ def router_check(ctx: Comparison) -> CheckResult:
                  topk_share_new=new_load[j]["topk_share"], status="")
         if p is not None and p.old in old_load:
             # for an identity layer or a stacked copy: the old layer whose router it copies,
-            # so a collapse the source had already trained in is not blamed on the growth
-            r["entropy_old"] = old_load[p.old]["entropy"]
-            r["topk_share_old"] = old_load[p.old]["topk_share"]
+            # so a collapse the source had already trained in is not blamed on the growth;
+            # and where the new layer does not follow that layer (G_stack's places) it reads
+            # the stream after old layer ref - 1: the more concentrated of the two is the
+            # reference (a copied router on a later layer's stream may route as that layer did)
+            ref = old_load[p.old]
+            after = None if p.kind == ORIGINAL or not p.ref_hidden else p.ref_hidden - 1
+            if after is not None and after != p.old and after in old_load \
+                    and old_load[after]["topk_share"] > ref["topk_share"]:
+                ref = old_load[after]
+            r["entropy_old"] = ref["entropy"]
+            r["topk_share_old"] = ref["topk_share"]
         table.append(r)
         if p is None or p.kind != ORIGINAL or p.old not in old_run.router:
             r["judged"] = "no reference" if old_run.router else "old is dense"
