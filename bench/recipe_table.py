@@ -59,6 +59,10 @@ def table(paths: list[Path]) -> str:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) < 2:
+    args = sys.argv[1:]
+    if not args or args[0] in ("-h", "--help"):
         raise SystemExit(__doc__)
-    sys.stdout.write(table([Path(a) for a in sys.argv[1:]]))
+    missing = [a for a in args if not Path(a).is_file()]
+    if missing:
+        raise SystemExit(f"recipe_table.py: no such result file: {', '.join(missing)}\n{__doc__}")
+    sys.stdout.write(table([Path(a) for a in args]))
