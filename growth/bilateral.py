@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .adapters import get_adapter
-from .depth import check_depth_args, check_stack_scale, deepen
+from .depth import check_depth, deepen
 from .width import check_width_args, widen
 
 
@@ -44,9 +43,8 @@ def scale_bilaterally(
     # Every argument is checked before the first (large) allocation.
     scale, noise_std, seed = check_width_args(scale_factor, noise_std, noise, seed)
     # Width growth keeps the layer count, so the depth arguments are checked against the source.
-    n_layers = get_adapter(model, "bilateral growth").n_layers(model)
-    positions = check_depth_args(extra_layers, depth_mode, positions, n_layers, mode_name="depth_mode")
-    stack_scale = check_stack_scale(stack_scale, depth_mode, mode_name="depth_mode")
+    positions, stack_scale = check_depth(model, extra_layers, depth_mode, positions, stack_scale,
+                                         mode_name="depth_mode", what="bilateral growth")
     wide = widen(model, scale, noise_std, noise, seed)
     return _deepen_widened(wide, int(extra_layers), depth_mode, positions, stack_scale)
 
@@ -66,9 +64,8 @@ def deepen_widened(
         record, as :func:`scale_bilaterally` leaves them (what ``transfer_adam_state`` and
         the growth masks read).
     """
-    n_layers = get_adapter(wide, "bilateral growth").n_layers(wide)
-    positions = check_depth_args(extra_layers, depth_mode, positions, n_layers, mode_name="depth_mode")
-    stack_scale = check_stack_scale(stack_scale, depth_mode, mode_name="depth_mode")
+    positions, stack_scale = check_depth(wide, extra_layers, depth_mode, positions, stack_scale,
+                                         mode_name="depth_mode", what="bilateral growth")
     return _deepen_widened(wide, int(extra_layers), depth_mode, positions, stack_scale)
 
 

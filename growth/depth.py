@@ -104,6 +104,15 @@ def check_stack_scale(stack_scale, mode: str, *, mode_name: str = "mode") -> flo
                        hint="1: G_stack's full copies; 0: identity blocks in their places")
 
 
+def check_depth(model: nn.Module, extra_layers, mode, positions, stack_scale, *, mode_name: str = "mode",
+                what: str = "depth growth") -> tuple[list[int] | None, float]:
+    """Every depth argument checked against ``model`` (``check_depth_args``,
+    ``check_stack_scale``): (sorted positions, the scale of what the new layers write)."""
+    n_layers = get_adapter(model, what).n_layers(model)
+    positions = check_depth_args(extra_layers, mode, positions, n_layers, mode_name=mode_name)
+    return positions, check_stack_scale(stack_scale, mode, mode_name=mode_name)
+
+
 def check_depth_memory(adapter, specs: dict[str, TensorSpec], extra_layers: int, device) -> None:
     """ValueError naming ``extra_layers`` when the deeper model cannot fit in ``device``'s free
     memory (estimated from the source's tensor sizes: its largest layer per new layer),
@@ -182,14 +191,13 @@ def plan_depth(adapter, config, specs: dict[str, TensorSpec], tied: bool, extra_
             pr = roles[name]
             new_name = adapter.rename_layer(name, new_layer)
             zeroed = pr.rule.output_norm if out_norms else pr.rule.writes_residual
+            fill = zero_gain if pr.rule.output_norm else 0.0  # the value that writes nothing
             if kind == "identity" and zeroed:
-                fill = zero_gain if pr.rule.output_norm else 0.0
                 tensors[new_name] = TensorPlan(specs[name], Source("zero", pr.role, name),
                                                zeros_like_source(name, fill), (name,))
             elif kind == "copy" and zeroed and stack_scale != 1.0:
                 # what the copy writes, damped: a * w for a projection; for a gain g (zero
                 # value z, -1 for a (1 + w) norm), a * (g - z) + z, so the effective gain is a * (1 + w)
-                fill = zero_gain if pr.rule.output_norm else 0.0
                 tensors[new_name] = TensorPlan(specs[name], Source("scaled_copy", pr.role, name),
                                                scaled_copy_of(name, stack_scale, fill), (name,))
             else:
@@ -237,9 +245,7 @@ def grow_depth(
         The deeper model with ``growth_records[-1].layer_map`` listing, for every new
         layer, its source layer and kind.
     """
-    adapter = get_adapter(model, "depth growth")
-    positions = check_depth_args(extra_layers, mode, positions, adapter.n_layers(model))
-    stack_scale = check_stack_scale(stack_scale, mode)
+    positions, stack_scale = check_depth(model, extra_layers, mode, positions, stack_scale)
     return deepen(model, int(extra_layers), mode, positions, stack_scale)
 
 
