@@ -148,6 +148,10 @@ def test_layerwise_in_small_chunks_equals_in_memory(tmp_path, monkeypatch, famil
     for name, ra in rows_a.items():
         for key in ("weight_rel_div", "weight_max_div", "weight_block0_mean_abs", "grad_block0_mean_abs"):
             assert rows_b[name][key] == pytest.approx(ra[key], rel=1e-5, abs=1e-12), (name, key)
+        # the clone swaps of the weights, measured chunk by chunk too
+        assert ra["swap_rel_div"] and rows_b[name]["swap_rel_div"].keys() == ra["swap_rel_div"].keys()
+        for key, v in ra["swap_rel_div"].items():
+            assert rows_b[name]["swap_rel_div"][key] == pytest.approx(v, rel=1e-5, abs=1e-12), (name, key)
         # twin differences of gradients are tiny next to the gradients, so their rounding
         # shows more (twins equal but for rounding differ by ~1e-7 relative either way)
         rel_a, rel_b = ra["grad_rel_div"], rows_b[name]["grad_rel_div"]
@@ -179,6 +183,9 @@ def test_clone_without_noise_still_fails_layerwise(tmp_path, monkeypatch, family
     assert b["figures"]["tensors_failing"] == b["figures"]["tensors_judged"] == a["figures"]["tensors_failing"]
     failing = [sorted(r["name"] for r in c["details"] if r["fails"]) for c in (a, b)]
     assert failing[0] == failing[1]
+    # every clone pair exchangeable: the residual stream and each layer's heads and FFN units
+    assert a["figures"]["exchangeable_clones"] == b["figures"]["exchangeable_clones"]
+    assert len(b["figures"]["exchangeable_clones"]) == 1 + 2 * m.config.num_hidden_layers
 
     # one tensor of a noisy model replaced by its exact clone
     from safetensors.torch import load_file, save_file

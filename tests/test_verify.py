@@ -379,6 +379,80 @@ def test_symmetry_check_catches_zero_noise(dense, probe):
         check_symmetry_breaking(exact, probe)
 
 
+@torch.no_grad()
+def _make_exchangeable(model, scale, g, h, layer=None):
+    """Average every noisy tensor with its copy whose clones g and h are exchanged (along
+    the residual and unit dims, or, with ``layer``, that layer's attention heads only):
+    the function is kept (both terms are exact growths), clones g and h are now symmetric."""
+    from growkit.growth.adapters import get_adapter
+    from growkit.verify import symmetry
+
+    params = get_adapter(model, "verification").role_params(model)
+    for name, pr, axes, judged in symmetry._items(model, scale, False):
+        if not judged or (layer is not None and (pr.layer != layer or symmetry._space(pr.role) != "attention")):
+            continue
+        x = params[name]
+        swapped = x
+        for i in axes.swaps["unit" if layer is not None else ("both" if "both" in axes.swaps else "model")]:
+            d, n = axes[i]
+            block = x.shape[d] // n
+            idx = torch.arange(x.shape[d]).view(n, block)
+            idx[[g, h]] = idx[[h, g]]
+            swapped = swapped.index_select(d, idx.reshape(-1))
+        x.copy_((x + swapped) / 2)
+    return model
+
+
+@pytest.mark.parametrize("layer", [None, 1])
+def test_symmetry_check_catches_exchangeable_clones(dense, probe, layer):
+    """Clones 1 and 2 of a x3 growth made symmetric (the same noise on both), everywhere or
+    in one layer's heads: each still differs from clone 0, which the per-tensor rule
+    (twins against block 0) took for symmetry broken; they are exchangeable, so their
+    gradients stay equal at every step, and the check fails naming them."""
+    good = grow_width(dense, 3, noise_std=1e-2)
+    bad = _make_exchangeable(copy.deepcopy(good), 3, 1, 2, layer)
+    report = run_growth_checks(dense, bad, probe, "cpu", scale_factor=3)
+    assert report["functional_identity"].passed  # the growth is still exact
+    sym = report["symmetry_breaking"]
+    assert sym.status == FAILED and sym.diagnosis == "noise_too_small", sym.render()
+    assert sym.figures["tensors_failing"] == 0  # what the rule against block 0 alone saw
+    found = {(e["space"], e["layer"], tuple(e["clones"])) for e in sym.figures["exchangeable_clones"]}
+    if layer is None:
+        assert ("residual", None, (1, 2)) in found and "residual stream" in sym.cause
+    else:
+        assert found == {("attention", 1, (1, 2))} and sym.where == "1"
+        assert [r["status"] for r in sym.table] == ["ok", "FAIL", "ok"]
+    assert all(e["clones"] == [1, 2] for e in sym.figures["exchangeable_clones"])
+    assert check_symmetry_breaking(dense, good, probe, scale_factor=3).passed
+
+    # one optimizer step on the symmetric model: clones 1 and 2 are still exchangeable
+    bad.train()
+    opt = torch.optim.Adam(bad.parameters(), lr=1e-2)
+    for _ in range(2):
+        loss = torch.nn.functional.cross_entropy(bad(probe)[:, :-1].flatten(0, 1), probe[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    bad.eval()
+    after = check_symmetry_breaking(dense, bad, probe, scale_factor=3, tolerance=1.0)
+    assert {(e["space"], e["layer"]) for e in after.figures["exchangeable_clones"]} >= {
+        (s, l) for s, l, _ in found}, after.render()
+
+
+def test_identity_layers_are_not_exchangeable(dense, probe):
+    """Identity layers in a widened model: their zeroed o/down projections read twin units
+    with equal outputs, so those twins are equal in weights and gradients (a rule on twin
+    pairs per tensor would flag them), but the units' q/k/v/up/gate rows differ by the
+    noise: no clones are exchangeable."""
+    grown = scale_bilaterally(dense, 2, 2)
+    sym = check_symmetry_breaking(dense, grown, probe, scale_factor=2)
+    assert sym.passed and sym.figures["exchangeable_clones"] == []
+    o = next(r for r in sym.details if r["name"] == "layers.1.attn.o_proj.weight")
+    assert o["weight_rel_div"] == 0.0 and o["swap_rel_div"]["unit:0-1"] == 0.0  # zeroed: unchanged by any swap
+    q = next(r for r in sym.details if r["name"] == "layers.1.attn.q_proj.weight")
+    assert q["swap_rel_div"]["unit:0-1"] > 1e-5
+
+
 @pytest.mark.parametrize("k", [0, 1])
 def test_identity_check_names_corrupted_layer(width_pair, probe, k):
     old, _ = width_pair

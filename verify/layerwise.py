@@ -585,7 +585,7 @@ class _LayerBackward:
             with torch.no_grad():
                 for role, grad in adapter.split(model, {name: param.grad}).items():
                     if role in self.axes:
-                        self.grads[role] = symmetry._twin_sums([grad], self.axes[role])[0]
+                        self.grads[role] = symmetry._twin_sums([grad], self.axes[role], swap_slots=0)[0]
             param.grad = None
 
         self.handles.append(p.register_post_accumulate_grad_hook(measured))

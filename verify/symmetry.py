@@ -30,6 +30,7 @@ check (``verify.layerwise``) gets the same figures as the in-memory one.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 from collections import defaultdict
 
@@ -37,7 +38,7 @@ import torch
 from torch import nn
 
 from growkit.growth.adapters import get_adapter
-from growkit.growth.roles import Role
+from growkit.growth.roles import ROLE_RULES, Role
 
 from .context import DEFAULT_MIN_DIVERGENCE, Comparison
 from .pairing import twin_axes
@@ -48,7 +49,8 @@ from .stats import abs_stats, relative, twin_layout, twin_stats
 NAME, TITLE = "symmetry_breaking", "Symmetry breaking"
 RULE = (
     "twins identical when mean|B_g - B_0| / mean|B_0| <= min_divergence; a cloned tensor "
-    "fails when identical in both weights and gradients"
+    "fails when identical in both weights and gradients, and a pair of clones when "
+    "exchanging them changes no tensor by more than min_divergence"
 )
 
 
@@ -56,8 +58,40 @@ def has_upcycled_experts(model: nn.Module) -> bool:
     return any(r.op == "moe" for r in getattr(model, "growth_records", None) or [])
 
 
+# the unit space a judged tensor's non-residual widened dims belong to (per layer)
+SPACES = {"heads": "attention", "kv_heads": "attention", "ff": "mlp"}
+
+
+class TwinAxes(list):
+    """A tensor's twin axes, [(dim, groups)], and the clone swaps measured on its weight.
+
+    ``swaps``: kind -> indices into the list of the axes one swap permutes: ``model`` (the
+    residual-stream dims only), ``unit`` (the heads or FFN dims only) and ``both``; empty
+    for a tensor that is not judged. ``scale``: the number of clones along each of them.
+    """
+
+    def __init__(self, axes, swaps: dict[str, tuple[int, ...]] | None = None, scale: int = 1) -> None:
+        super().__init__(axes)
+        self.swaps, self.scale = dict(swaps or {}), scale
+
+
+def _swaps(dims: tuple[str, ...], axes: list, scale: int) -> dict[str, tuple[int, ...]]:
+    """The clone swaps of a judged tensor (see :class:`TwinAxes`)."""
+    model = tuple(i for i, (d, g) in enumerate(axes) if g == scale and dims[d] == "model")
+    unit = tuple(i for i, (d, g) in enumerate(axes) if g == scale and dims[d] in SPACES)
+    out = {"model": model, "unit": unit, "both": model + unit}
+    return {k: v for k, v in out.items() if v and not (k == "both" and (not model or not unit))}
+
+
+def _space(role: Role) -> str | None:
+    """The unit space of a tensor's non-residual widened dims (None: residual only); a
+    shared expert's FFN units are a space of their own."""
+    space = next((SPACES[d] for d in ROLE_RULES[role].dims if d in SPACES), None)
+    return f"shared_{space}" if space and role.value.startswith("shared") else space
+
+
 def _items(model: nn.Module, scale: int, expert_twins: bool):
-    """(name, ParamRole, [(dim, groups)], judged) for every tensor with twins."""
+    """(name, ParamRole, TwinAxes, judged) for every tensor with twins."""
     adapter = get_adapter(model, "verification")
     roles = adapter.param_roles(model)
     params = adapter.role_params(model)
@@ -80,7 +114,8 @@ def _items(model: nn.Module, scale: int, expert_twins: bool):
                     f"is the scale ({scale}) right?"
                 )
         judged = rule.noise and rule.input_dim is not None
-        out.append((name, pr, axes, judged))
+        swaps = _swaps(rule.dims, axes, scale) if judged and scale >= 2 else {}
+        out.append((name, pr, TwinAxes(axes, swaps, scale), judged))
     return out
 
 
@@ -126,16 +161,23 @@ class _TwinSums:
     """Twin statistics of one tensor, accumulated chunk by chunk: the max of |B_g - B_0|,
     and the means of |B_g - B_0| and |B_0| weighted by the rows of each chunk."""
 
-    __slots__ = ("mx", "diff", "mag", "rows")
+    __slots__ = ("mx", "diff", "mag", "rows", "swap")
 
     def __init__(self) -> None:
         self.mx, self.diff, self.mag, self.rows = 0.0, 0.0, 0.0, 0
+        self.swap: dict[str, float] = {}  # "kind:g-h" -> sum of mean|X - swapped X| * rows
 
-    def add(self, mx: float, mean: float, mag: float, rows: int) -> None:
+    def add(self, mx: float, mean: float, mag: float, rows: int, swap: dict[str, float] | None = None) -> None:
         self.mx = max(self.mx, mx)
         self.diff += mean * rows
         self.mag += mag * rows
         self.rows += rows
+        for key, mean_swap in (swap or {}).items():
+            self.swap[key] = self.swap.get(key, 0.0) + mean_swap * rows
+
+    def swap_rel(self) -> dict[str, float]:
+        """Per clone swap ("kind:g-h"): mean|X - swapped X| / mean|B_0| (see :func:`_swap_means`)."""
+        return {key: relative(v / self.rows, self.mag / self.rows) for key, v in self.swap.items()}
 
     def means(self) -> tuple[float, float]:
         """(mean|B_g - B_0|, mean|B_0|)."""
@@ -184,9 +226,11 @@ def _row_chunks(shape, axes, itemsize: int, device) -> tuple[int, list[tuple[int
     return dim, [(a, min(a + step, n)) for a in range(0, n, step)], True, step * (total // n)
 
 
-def _twin_sums(tensors: list, axes) -> list[_TwinSums]:
+def _twin_sums(tensors: list, axes, swap_slots: int | None = None) -> list[_TwinSums]:
     """Per entry of ``tensors`` (one shape): its twin statistics, in chunks of rows (a
-    stack of at most :func:`_chunk_bytes` per launch, unless one chunk is larger).
+    stack of at most :func:`_chunk_bytes` per launch, unless one chunk is larger); the
+    clone swaps of ``axes`` (a :class:`TwinAxes`) for the first ``swap_slots`` entries
+    (None: all; weights, not gradients: see :func:`_swap_means`).
 
     Entries: a tensor; a :class:`_RowSource`; a :class:`_TwinSums` measured already
     (returned as it is); None (a missing gradient: zeros).
@@ -202,19 +246,59 @@ def _twin_sums(tensors: list, axes) -> list[_TwinSums]:
         return out
     first = tensors[live[0]]
     shape, dtype, device = tuple(first.shape), first.dtype, first.device
-    axes = list(axes)
+    axes = axes if isinstance(axes, TwinAxes) else list(axes)
     groups = math.prod(g for _, g in axes)
     itemsize = torch.empty((), dtype=dtype).element_size()
     dim, chunks, several, slot_bytes = _row_chunks(shape, axes, itemsize, device)
     if several and dim != 0 and any(isinstance(tensors[i], _RowSource) for i in live):
         dim, chunks, several, slot_bytes = 0, [(0, shape[0] // dict(axes).get(0, 1))], False, 0  # made whole
     batch = max(1, _chunk_bytes(device) // max(1, slot_bytes))
+    swap_slots = len(tensors) if swap_slots is None else swap_slots
     with _one_thread(device):
-        _add_chunks(tensors, live, out, axes, groups, dtype, dim, chunks, several, batch)
+        _add_chunks(tensors, live, out, axes, groups, dtype, dim, chunks, several, batch, swap_slots)
     return out
 
 
-def _add_chunks(tensors, live, out, axes, groups, dtype, dim, chunks, several, batch) -> None:
+def _swap_means(stack: torch.Tensor, axes) -> dict[str, torch.Tensor]:
+    """Per slot of ``stack`` (stacked :func:`twin_layout` views): for every clone swap of
+    ``axes`` (a :class:`TwinAxes`) and every pair of clones g < h, mean|X - X'| where X'
+    is X with clones g and h exchanged along the swap's dims.
+
+    NOTE: why swaps, and not only the distance of each twin from block 0. Clones g and h
+    are *exchangeable* when exchanging them leaves every tensor that touches them unchanged:
+    then the gradients are exchanged too, and the clones stay equal forever, however the
+    other clones differ. Comparing each twin with block 0 and averaging misses that when
+    g, h >= 1 (clones 1 and 2 given the same noise at s = 3: each differs from clone 0).
+    Comparing twins pairwise per tensor flags what is not stuck: an identity layer's zeroed
+    o/down projections read twin heads whose outputs are equal at growth, so their twins
+    are equal in weights and gradients (measured: still to 7e-7 after four Adam steps),
+    yet the heads' q/k/v rows differ by the noise and drift apart as the residual clones
+    do. Exchangeability is the exact condition; ``symmetry_check`` combines the swaps of
+    all tensors of one space (the residual stream, a layer's heads or FFN units).
+    """
+    # NOTE: three exchanges (model, unit, both) per pair of clones, each a gathered copy of
+    # the chunk: measure_twins on a 12-layer d512 model grown x2 (168M parameters, weights
+    # and gradients, one CPU thread) took 1.68 s against 0.66 s without them (median of 3,
+    # /tmp script in the commit message), about 2% of detailed_growth_check on that model
+    # (54 s, bench/results/verify_cost_*.json). Gradients are not exchanged: exchangeable
+    # weights give exchanged gradients.
+    k = len(axes)
+    order = sorted(range(k), key=lambda i: axes[i][0])  # twin_layout puts the group dims in dim order
+    first = stack.dim() - 1 - k
+    pos = {i: first + order.index(i) for i in range(k)}
+    out = {}
+    for kind, idx in axes.swaps.items():
+        for g, h in itertools.combinations(range(axes.scale), 2):
+            swapped = stack
+            for i in idx:
+                perm = torch.arange(axes[i][1], device=stack.device)
+                perm[g], perm[h] = h, g
+                swapped = swapped.index_select(pos[i], perm)
+            out[f"{kind}:{g}-{h}"] = (stack - swapped).abs().flatten(1).mean(1, dtype=torch.float32)
+    return out
+
+
+def _add_chunks(tensors, live, out, axes, groups, dtype, dim, chunks, several, batch, swap_slots) -> None:
     for a, b in chunks:
         for k in range(0, len(live), batch):
             slots = live[k:k + batch]
@@ -233,10 +317,12 @@ def _add_chunks(tensors, live, out, axes, groups, dtype, dim, chunks, several, b
             # magnitude of block 0 (the block every twin is compared with): 1/groups of the data
             _, mag = abs_stats(stack.reshape(stack.shape[0], -1, groups * inner)[..., :inner])
             mx, mean = twin_stats(stack, groups, inner)
+            n_swap = sum(1 for i in slots if i < swap_slots) if getattr(axes, "swaps", None) else 0
+            swaps = {key: v.tolist() for key, v in _swap_means(stack[:n_swap], axes).items()} if n_swap else {}
             del stack
             rows = b - a if several else 1
-            for i, m, d, g in zip(slots, mx.tolist(), mean.tolist(), mag.tolist()):
-                out[i].add(m, d, g, rows)
+            for j, (i, m, d, g) in enumerate(zip(slots, mx.tolist(), mean.tolist(), mag.tolist())):
+                out[i].add(m, d, g, rows, {key: v[j] for key, v in swaps.items()} if j < n_swap else None)
 
 
 def _measure(tensors: list[torch.Tensor], axes) -> tuple[list, list, list]:
@@ -258,13 +344,14 @@ def _block_rows(shape, axes, a: int, b: int) -> torch.Tensor | slice:
 
 def _twin_groups(model: nn.Module, params: dict, scale: int, expert_twins: bool,
                  names: set[str] | None = None) -> dict[tuple, list]:
-    """The tensors with twins by (shape, dtype, device, axes, judged), in :func:`_items` order."""
+    """The tensors with twins by (shape, dtype, device, axes, swaps, judged), in :func:`_items` order."""
     groups: dict[tuple, list] = defaultdict(list)
     for item in _items(model, scale, expert_twins):
         if names is not None and item[0] not in names:
             continue  # layerwise: only the tensors loaded now
         p = params[item[0]]
-        groups[(tuple(p.shape), p.dtype, p.device, tuple(item[2]), item[3])].append(item)
+        swaps = tuple(sorted(item[2].swaps.items()))
+        groups[(tuple(p.shape), p.dtype, p.device, tuple(item[2]), swaps, item[3])].append(item)
     return groups
 
 
@@ -287,11 +374,12 @@ def measure_twins(model: nn.Module, grads: dict | None, scale: int,
     if grads is not None:  # parameter names -> role names (parts of fused tensors)
         grads = adapter.split(model, grads)
     rows = []
-    for (shape, dtype, device, axes, judged), items in _twin_groups(model, params, scale, expert_twins, names).items():
+    for (shape, dtype, device, _, _, judged), items in _twin_groups(model, params, scale, expert_twins, names).items():
         n = len(items)
+        axes = items[0][2]
         values = [weights[name] if weights and name in weights else params[name].detach() for name, *_ in items]
         grad_list = [grads.get(name) for name, *_ in items] if grads is not None else []
-        sums = _twin_sums(values + grad_list, axes)
+        sums = _twin_sums(values + grad_list, axes, swap_slots=n)
         del values, grad_list
         dims = items[0][1].rule.dims
         axis_names = [f"{dims[d]}/{g}" for d, g in axes]
@@ -299,7 +387,8 @@ def measure_twins(model: nn.Module, grads: dict | None, scale: int,
             for i, (name, pr, _, _) in enumerate(items):
                 mx, rel, mag = _TwinSums.figures([sums[i]])
                 row = dict(name=name, role=pr.role.value, layer=pr.layer, judged=True, axes=axis_names,
-                           weight_rel_div=rel, weight_max_div=mx, weight_block0_mean_abs=mag)
+                           weight_rel_div=rel, weight_max_div=mx, weight_block0_mean_abs=mag,
+                           space=_space(pr.role), swap_rel_div=sums[i].swap_rel())
                 if grads is not None:
                     gx, grel, gmag = _TwinSums.figures([sums[n + i]])
                     row.update(grad_rel_div=grel, grad_max_div=gx, grad_block0_mean_abs=gmag)
@@ -315,6 +404,57 @@ def measure_twins(model: nn.Module, grads: dict | None, scale: int,
                 row.update(grad_rel_div=grel, grad_max_div=gx, grad_block0_mean_abs=gmag)
             rows.append(row)
     return rows
+
+
+def exchangeable_clones(rows: list[dict], min_divergence: float) -> list[dict]:
+    """The pairs of clones that a swap leaves the model unchanged by (see :func:`_swap_means`).
+
+    Clones g and h of a layer's heads (or FFN units) are exchangeable when every judged
+    tensor of that space is unchanged, to ``min_divergence`` relative, when g and h are
+    exchanged along its heads (FFN) dims. Clones g and h of the residual stream are when
+    every judged tensor is unchanged by exchanging them along its residual dims, each
+    layer's heads and FFN units exchanged with them or not (whichever leaves that space
+    unchanged): an exchange of the residual clones alone (their readers' columns and
+    writers' rows equal), or of every clone at once. Tensors tiled without noise by design
+    (embeddings, norms, biases, routers) are taken as unchanged, which can only report
+    more. Returns one dict per exchangeable pair: space ("residual", "attention", "mlp",
+    "shared_mlp"), layer (None for the residual), clones [g, h], and max_rel_change (the
+    largest relative change of a tensor under the exchange).
+    """
+    judged = [r for r in rows if r["judged"] and r.get("swap_rel_div")]
+    spaces: dict[tuple, list[dict]] = defaultdict(list)
+    residual_only = []
+    for r in judged:
+        (spaces[(r["layer"], r["space"])] if r.get("space") else residual_only).append(r)
+
+    def worst(rs: list[dict], kind: str, pair: str) -> float:
+        fallback = {"model": None, "unit": None, "both": "unit"}[kind]  # no residual dim: unchanged by "model"
+        return max(r["swap_rel_div"].get(f"{kind}:{pair}", r["swap_rel_div"].get(f"{fallback}:{pair}", 0.0))
+                   for r in rs)
+
+    found = []
+    for pair in sorted({key.split(":")[1] for r in judged for key in r["swap_rel_div"]}):
+        clones = [int(c) for c in pair.split("-")]
+        for (layer, space), rs in spaces.items():
+            w = worst(rs, "unit", pair)
+            if w <= min_divergence:
+                found.append(dict(space=space, layer=layer, clones=clones, max_rel_change=w))
+        w = worst(residual_only, "model", pair) if residual_only else 0.0
+        for rs in spaces.values():
+            if w > min_divergence:
+                break
+            w = max(w, min(worst(rs, "model", pair), worst(rs, "both", pair)))
+        if w <= min_divergence:
+            found.append(dict(space="residual", layer=None, clones=clones, max_rel_change=w))
+    # the residual stream first, then by layer (rows come in backward order layer by layer)
+    return sorted(found, key=lambda e: (e["layer"] is not None, e["layer"] or 0, e["space"], e["clones"]))
+
+
+def _describe_exchangeable(found: list[dict]) -> str:
+    return "; ".join(
+        f"clones {e['clones'][0]} and {e['clones'][1]} of "
+        + ("the residual stream" if e["space"] == "residual" else f"layer {e['layer']}'s {e['space']} units")
+        for e in found[:4]) + (f"; and {len(found) - 4} more" if len(found) > 4 else "")
 
 
 def symmetry_check(model: nn.Module, run: ProbeRun | None, scale: int, *, expert_twins: bool | None = None,
@@ -351,6 +491,11 @@ def symmetry_check(model: nn.Module, run: ProbeRun | None, scale: int, *, expert
                 r["fails"], r["breaks_at_step_2"] = False, True
                 excused.append(r)
 
+    exchangeable = exchangeable_clones(rows, min_divergence)
+    stuck_spaces = defaultdict(list)
+    for e in exchangeable:
+        stuck_spaces[e["layer"]].append(f"{e['space']} {e['clones'][0]}-{e['clones'][1]}")
+
     by_layer: dict = defaultdict(list)
     for r in rows:
         by_layer[r["layer"]].append(r)
@@ -367,7 +512,8 @@ def symmetry_check(model: nn.Module, run: ProbeRun | None, scale: int, *, expert
             min_grad_div=min(r["grad_rel_div"] for r in judged),
             zero_grad=",".join(r["role"] for r in judged if r["zero_grad"]) or "-",
             identical=",".join(r["role"] for r in judged if r["fails"] or r.get("breaks_at_step_2")) or "-",
-            status="FAIL" if any(r["fails"] for r in judged) else (
+            exchangeable=",".join(stuck_spaces.get(layer, [])) or "-",
+            status="FAIL" if any(r["fails"] for r in judged) or layer in stuck_spaces else (
                 "ok (step 2)" if any(r.get("breaks_at_step_2") for r in judged) else "ok"),
         ))
     judged_rows = [r for r in rows if r["judged"]]
@@ -382,8 +528,9 @@ def symmetry_check(model: nn.Module, run: ProbeRun | None, scale: int, *, expert
         "max_weight_rel_div": max((r["weight_rel_div"] for r in judged_rows), default=None),
         "min_grad_rel_div": min((r["grad_rel_div"] for r in judged_rows), default=None),
         "unjudged_identical_in_both": sorted({r["role"] for r in info if r["identical_weights"] and r["identical_grads"]}),
+        "exchangeable_clones": exchangeable,
     }
-    columns = ["layer", "tensors", "min_weight_div", "min_grad_div", "zero_grad", "identical", "status"]
+    columns = ["layer", "tensors", "min_weight_div", "min_grad_div", "zero_grad", "identical", "exchangeable", "status"]
     notes = [
         "unjudged (tiled without noise by design): "
         + ", ".join(sorted({r["role"] for r in info})) if info else "every tensor with twins is judged"
@@ -396,6 +543,20 @@ def symmetry_check(model: nn.Module, run: ProbeRun | None, scale: int, *, expert
             "gets the noisy layers' asymmetric gradients, so they diverge from step 2 (status 'ok (step 2)')"
         )
         figures["breaks_at_step_2"] = len(excused)
+    if exchangeable and not failing:
+        cause = (
+            "noise_std too small, or noise that repeats across clones: "
+            + _describe_exchangeable(exchangeable)
+            + " are exchangeable (every tensor that touches them is unchanged when they are swapped, "
+            f"at most {max(e['max_rel_change'] for e in exchangeable):.1e} relative), so they get "
+            "equal gradients at every step and can never learn different features"
+        )
+        layers = sorted({"residual" if e["layer"] is None else e["layer"] for e in exchangeable}, key=str)
+        summary = (f"{len(exchangeable)} pairs of clones are exchangeable, though every cloned tensor's twins "
+                   "differ from block 0 on average")
+        return CheckResult(NAME, TITLE, FAILED, summary, min_divergence, RULE, figures, table, columns,
+                           diagnosis="noise_too_small", cause=cause, where=", ".join(map(str, layers)),
+                           notes=notes, details=rows)
     if failing:
         layers = sorted({("global" if r["layer"] is None else r["layer"]) for r in failing}, key=str)
         everything = len(failing) == len(judged_rows)
