@@ -233,11 +233,6 @@ class DistContext:
                 f"TrainConfig.batch_size={cfg.batch_size} must be a multiple of the world size "
                 f"{W} (each rank trains on batch_size / {W} rows of every global batch); e.g. "
                 f"--batch-size {W * max(1, -(-cfg.batch_size // W))}")
-        if cfg.train_after_growth == "new":
-            raise ValueError(
-                "TrainConfig.train_after_growth='new' is not supported under torchrun yet "
-                "(its freeze restores entries of whole tensors, not of FSDP shards); use "
-                "--train-after-growth all, or run in one process")
 
     def close(self) -> None:
         import torch.distributed as dist
@@ -457,6 +452,87 @@ def load_sharded_whole(ckpt: Path, device: torch.device, cfg: TrainConfig):
 # The trainer
 # ---------------------------------------------------------------------------
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of ``t``: an FSDP2 shard's local tensor (it shares the storage), or
+    ``t`` itself when it is replicated."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) else t
+
+
+def _local_part(p: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
+    """The part of ``whole`` (shaped like the parameter ``p``) that this rank holds of ``p``."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(p, DTensor):  # the same slicing as p's own: no communication
+        return distribute_tensor(whole, p.device_mesh, p.placements, src_data_rank=None).to_local()
+    return whole
+
+
+class ShardedFreeze:
+    """``--train-after-growth new`` under torchrun: train only what the last growth added,
+    on FSDP2 shards or DDP replicas, as :func:`growkit.growth.freeze_for_growth` does it in
+    one process.
+
+    NOTE: freeze_for_growth masks gradients with tensor hooks and makes wholly frozen
+    parameters ``requires_grad=False``. FSDP2 sets its sharded parameters' ``.grad`` after
+    the reduce-scatter, so hooks on them never run, and DDP made before the freeze would
+    wait for a gradient the frozen parameter never gets. So this acts on the reduced
+    gradients, each rank on its own part: after the backward pass a wholly frozen
+    parameter's gradient is dropped (AdamW then skips it and its carried moments stay, as
+    for a parameter without gradient in one process) and the frozen entries of a partly
+    trainable one are zeroed (before clipping, so the norm is one process's); after each
+    optimizer step those entries are put back (AdamW's decay and carried momentum moved
+    them). tests/test_distributed_pipeline.py checks that every old entry ends bit-identical
+    and that the losses match one process's.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        from growkit import growth
+
+        masks = growth.trainable_mask(model, "new", records=model.growth_records)
+        params = dict(model.named_parameters())
+        self.which = "new"
+        self.frozen: list[str] = []
+        self.partial: list[str] = []
+        self.n_trainable = self.n_total = 0
+        self._frozen: list[torch.nn.Parameter] = []
+        self._partial: list[tuple[torch.nn.Parameter, torch.Tensor, torch.Tensor]] = []
+        with torch.no_grad():
+            for name, trainable in masks.items():
+                p = params[name]
+                self.n_total += p.numel()
+                if trainable is True:
+                    self.n_trainable += p.numel()
+                elif trainable is False:
+                    self.frozen.append(name)
+                    self._frozen.append(p)
+                else:
+                    self.n_trainable += int(trainable.sum())
+                    frozen = ~_local_part(p, trainable)
+                    self.partial.append(name)
+                    self._partial.append((p, frozen, _local(p)[frozen].clone()))
+
+    def after_backward(self) -> None:
+        with torch.no_grad():
+            for p in self._frozen:
+                p.grad = None
+            for p, frozen, _ in self._partial:
+                if p.grad is not None:
+                    _local(p.grad).masked_fill_(frozen, 0)
+
+    def after_step(self) -> None:
+        with torch.no_grad():
+            for p, frozen, saved in self._partial:
+                _local(p)[frozen] = saved
+
+    def summary(self) -> str:
+        return (f"which={self.which!r}: {self.n_trainable:,} of {self.n_total:,} entries trainable; "
+                f"{len(self.frozen)} tensors frozen, {len(self.partial)} partly trainable")
+
+    def remove(self) -> None:
+        self._frozen, self._partial = [], []
+
+
 class DistributedTrainer(Trainer):
     """:class:`~growkit.train.trainer.Trainer` on every rank of a torchrun job (see the
     module docstring). ``self.model`` is the ``Transformer`` (FSDP2-sharded, or the module
@@ -520,6 +596,17 @@ class DistributedTrainer(Trainer):
         super()._start_monitor(self.wrapper if self.wrapper is not None else model, phase)
 
     # ------------------------------------------------------------------ data and steps
+    def _freeze_new(self, model):
+        return ShardedFreeze(model)
+
+    def _after_backward(self):
+        if self.freeze is not None:
+            self.freeze.after_backward()
+
+    def _after_optimizer_step(self):
+        if self.freeze is not None:
+            self.freeze.after_step()
+
     def _rows(self, n: int) -> tuple[int, int]:
         return _chunk(n, self.ctx.world, self.ctx.rank)
 

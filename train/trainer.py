@@ -413,14 +413,31 @@ class Trainer:
         aux = model.aux_loss().detach() if model.config.n_experts > 0 and coef != 0.0 else None
         ce = loss.detach() if aux is None else loss.detach().double() - coef * aux.double()
         loss.backward()
+        self._after_backward()
         grad_norm = None
         if self.cfg.grad_clip > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), self.cfg.grad_clip)
             full = getattr(grad_norm, "full_tensor", None)  # FSDP2's norm is a replicated DTensor
             grad_norm = full() if callable(full) else grad_norm
         opt.step()
+        self._after_optimizer_step()
         opt.zero_grad(set_to_none=True)
         return loss.detach(), ce, aux, grad_norm
+
+    def _after_backward(self) -> None:
+        """(hook) After the backward pass, before clipping: nothing here (a GrowthFreeze
+        masks the gradients through its own hooks)."""
+
+    def _after_optimizer_step(self) -> None:
+        """(hook) After each optimizer step: nothing here (a GrowthFreeze puts frozen entries
+        back through its optimizer hooks)."""
+
+    def _freeze_new(self, model: Transformer):
+        """(hook) Train only what the last growth added (``--train-after-growth new``): a
+        handle with ``summary()`` and ``remove()``."""
+        import growkit.growth as growth
+
+        return growth.freeze_for_growth(model, "new", records=model.growth_records)
 
     def _next_batch(self, batch_size: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(hook) The (x, y) this process trains on: the whole batch [batch_size, seq_len]."""
@@ -659,7 +676,7 @@ class Trainer:
         if cfg.train_after_growth == "new":
             # what this growth added trains; the rest stays bit-identical (restored after
             # every optimizer step, so AdamW's decay and carried momentum cannot move it)
-            self.freeze = growth.freeze_for_growth(new_model, "new", records=new_model.growth_records)
+            self.freeze = self._freeze_new(new_model)
             self._say(f"  training only what phase {phase}'s growth added: {self.freeze.summary()}")
         self._start_monitor(new_model, phase)
         self.model, self.optimizer = new_model, new_opt
