@@ -459,3 +459,34 @@ def test_batch_size_must_divide_among_ranks():
 
 if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--worker":
     sys.exit(_worker(sys.argv[2]))
+
+
+def test_resume_refuses_a_metadata_pickle_that_runs_code(runs, tmp_path, capsys):
+    """The newest sharded checkpoint's ``dcp/.metadata`` replaced by a pickle that calls a
+    function, its manifest rewritten to match (so the checksums pass): resuming refuses the
+    file (exit 4, naming it) and nothing in it runs."""
+    import hashlib
+    import pickle
+
+    from growkit.train import pipeline
+
+    from test_hardening import _RunsACommand
+
+    out, _, _ = runs
+    run_dir = tmp_path / "partial"
+    shutil.copytree(out / "fsdp_partial", run_dir)
+    ckpt = max((run_dir / "checkpoints").glob("step-*"))
+    marker = tmp_path / "ran"
+    meta = ckpt / "dcp" / ".metadata"
+    meta.write_bytes(pickle.dumps(_RunsACommand(marker)))
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    manifest["files"]["dcp/.metadata"] = {"bytes": meta.stat().st_size,
+                                          "sha256": hashlib.sha256(meta.read_bytes()).hexdigest()}
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    n_threads = torch.get_num_threads()
+    try:
+        assert pipeline.main(["--resume", str(run_dir)]) == 4
+    finally:
+        torch.set_num_threads(n_threads)
+    assert not marker.exists()
+    assert "is not DCP metadata: posix.system is not part of" in capsys.readouterr().err

@@ -463,3 +463,55 @@ def test_scale_bilaterally_quotes_a_bad_seed():
 def test_grow_width_quotes_a_bad_seed():
     with pytest.raises(ValueError, match=r"got 1\.5"):
         growth.grow_width(small(), 2, seed=1.5)
+
+
+class _RunsACommand:
+    """A pickle that, unpickled by ``pickle.load``, would run ``touch <marker>``."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_dcp_metadata_is_read_without_running_code(tmp_path):
+    """A sharded checkpoint's ``dcp/.metadata`` is a pickle torch writes. growkit reads it with
+    an unpickler that admits only DCP's metadata records: a real checkpoint loads bit for
+    bit, and a ``.metadata`` replaced by a pickle that calls a function is refused, naming
+    that function, without calling it."""
+    import pickle
+
+    import torch.distributed.checkpoint as dcp
+
+    from growkit.train.distributed import _dcp_load, _dcp_reader
+
+    model = Transformer(ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, n_kv_heads=2,
+                                    d_ff=48, max_seq_len=16))
+    state = {"model": model.state_dict(), "step": torch.tensor(3.0)}
+    folder = tmp_path / "dcp"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "assuming the intent is to ... in a single process"
+        dcp.save(state, checkpoint_id=str(folder), no_dist=True)
+        loaded = {"model": {k: torch.zeros_like(v) for k, v in state["model"].items()}, "step": torch.zeros(())}
+        dcp.load(loaded, storage_reader=_dcp_reader(folder), no_dist=True)
+    assert all(torch.equal(loaded["model"][k], v) for k, v in state["model"].items())
+    assert loaded["step"].item() == 3.0
+
+    marker = tmp_path / "ran"
+    (folder / ".metadata").write_bytes(pickle.dumps(_RunsACommand(marker)))
+    refused = r"not DCP metadata: .*system is not part of a DCP checkpoint"
+    with pytest.raises(ValueError, match=refused):
+        _dcp_reader(folder).read_metadata()
+    with pytest.raises(ValueError, match=refused):  # DCP's CheckpointException, made a ValueError
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _dcp_load(loaded, folder, no_dist=True)
+    assert not marker.exists()
+    pickle.loads((folder / ".metadata").read_bytes())  # the control: DCP's own reader would run it
+    assert marker.exists()
+    (folder / ".metadata").write_bytes(pickle.dumps({"not": "metadata"}))
+    with pytest.raises(ValueError, match="holds a dict, not DCP metadata"):
+        _dcp_reader(folder).read_metadata()

@@ -22,7 +22,8 @@ lists every file under ``dcp/`` too) are as above. Either kind resumes at any wo
 
 Nothing is pickled by growkit: tensors go to safetensors (or DCP), everything else to JSON,
 so loading a checkpoint never runs code from the file (DCP's own ``dcp/.metadata`` is a
-pickle torch writes; the manifest's sha256 of it is checked before it is read). Each file is written to a temporary file and
+pickle torch writes: its sha256 is checked against the manifest, and it is read by an
+unpickler that admits only DCP's metadata records, ``distributed._dcp_reader``). Each file is written to a temporary file and
 renamed (:func:`atomic_write`); the folder itself is assembled under a temporary name and
 renamed into place, and only then does ``<run_dir>/latest.json`` (also replaced
 atomically) point to it. A run killed at any moment therefore leaves ``latest.json``

@@ -44,6 +44,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
+import re
 import shutil
 from dataclasses import dataclass
 from datetime import timedelta
@@ -351,6 +353,81 @@ def weights_digest(model: torch.nn.Module) -> str:
 # Sharded checkpoints (torch.distributed.checkpoint)
 # ---------------------------------------------------------------------------
 
+# What a DCP ``.metadata`` pickle may name: DCP's own metadata records and the few torch
+# and pathlib values inside them (the set measured on what dcp.save writes here).
+_DCP_METADATA_GLOBALS = {
+    "torch.distributed.checkpoint.metadata": {
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+        "ChunkStorageMetadata", "BytesStorageMetadata", "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},  # a layout by name, as torch.load(weights_only=True) admits
+    "torch": {"Size"},
+    "pathlib": {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"},
+    "collections": {"OrderedDict"},
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles a DCP ``.metadata`` file admitting only :data:`_DCP_METADATA_GLOBALS` and
+    torch dtypes: anything else (a function to call, a class to build) is refused before
+    it is looked up, so no code from the file runs."""
+
+    def find_class(self, module: str, name: str):
+        if name in _DCP_METADATA_GLOBALS.get(module, ()) or (
+                module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of a DCP checkpoint's metadata")
+
+
+def _dcp_reader(path: Path):
+    """A ``FileSystemReader`` of the DCP folder ``path`` whose metadata is read by
+    :class:`_MetadataUnpickler`.
+
+    NOTE: DCP writes its metadata as a pickle and reads it with ``pickle.load``, which runs
+    whatever the file names; a run directory handed to ``--resume`` is user input. Its
+    manifest's sha256 covers the file, but the manifest sits beside it. Restricting the
+    globals, as the pickle documentation recommends, makes reading it data only.
+    """
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+            file = Path(self.path) / ".metadata"
+            try:
+                with open(file, "rb") as f:
+                    metadata = _MetadataUnpickler(f).load()
+            except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
+                raise ValueError(f"{file} is not DCP metadata: {e}") from None
+            if not isinstance(metadata, Metadata):
+                raise ValueError(f"{file} holds a {type(metadata).__name__}, not DCP metadata")
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeReader(str(path))
+
+
+def _dcp_load(tensors: dict[str, Any], path: Path, **kwargs: Any) -> None:
+    """``dcp.load`` of the DCP folder ``path`` into ``tensors``, through :func:`_dcp_reader`.
+
+    DCP reports a failure as a ``CheckpointException``, which derives from BaseException,
+    not Exception (torch 2.13), so the resume's error handling would not see it: it is
+    raised again as a ValueError: the metadata reader's own message, else DCP's last line
+    (the failing rank's error)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        dcp.load(tensors, storage_reader=_dcp_reader(path), **kwargs)
+    except CheckpointException as e:
+        text = str(e)
+        ours = re.search(r"\S+ (?:is not DCP metadata: [^;\n]+|holds a \w+, not DCP metadata)", text)
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        raise ValueError(ours.group(0) if ours else f"{path}: {lines[-1] if lines else type(e).__name__}") from None
+
+
 def _dcp_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer, names) -> dict[str, Any]:
     """What DCP saves or loads in place: tensors only (no pickled objects in the shards)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
@@ -426,7 +503,6 @@ def _check_optimizer_meta(ckpt: Path, model, optimizer) -> list[str]:
 def load_sharded_whole(ckpt: Path, device: torch.device, cfg: TrainConfig):
     """(model, Adam state by name) of a sharded checkpoint, whole, in one process (a run
     resumed without torchrun: DCP reads every shard's part, whatever world size wrote it)."""
-    import torch.distributed.checkpoint as dcp
 
     model = Transformer(_read_model_config(ckpt)).to(device)
     optimizer = make_optimizer(model, cfg, cfg.phase1.lr)
@@ -444,7 +520,7 @@ def load_sharded_whole(ckpt: Path, device: torch.device, cfg: TrainConfig):
 
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.filterwarnings("ignore", message=".*load in a single process", category=UserWarning)
-        dcp.load(tensors, checkpoint_id=str(ckpt / DCP_DIR), no_dist=not dist.is_initialized())
+        _dcp_load(tensors, ckpt / DCP_DIR, no_dist=not dist.is_initialized())
     return model, tensors["optim"]
 
 
@@ -564,7 +640,6 @@ class DistributedTrainer(Trainer):
 
     def _load_checkpoint(self, ckpt, state):
         from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
-        import torch.distributed.checkpoint as dcp
 
         lr = self.cfg.phase(state["phase"]).lr
         if not is_sharded_checkpoint(ckpt):
@@ -576,7 +651,7 @@ class DistributedTrainer(Trainer):
         model, optimizer = self._install(model, None, lr)
         names = _check_optimizer_meta(ckpt, model, optimizer)
         tensors, osd = _dcp_tensors(model, optimizer, names)  # initializes the Adam state
-        dcp.load(tensors, checkpoint_id=str(Path(ckpt) / DCP_DIR))  # reshards to this world size
+        _dcp_load(tensors, Path(ckpt) / DCP_DIR)  # reshards to this world size
         set_model_state_dict(model, tensors["model"])
         osd["state"] = tensors["optim"]
         set_optimizer_state_dict(model, optimizer, osd)
