@@ -261,3 +261,49 @@ def test_background_writes_keep_memory_within_the_budget():
     bg.submit(job, "c", nbytes=10)
     bg.close()
     assert order == ["a", "b", "c"]
+
+
+@pytest.mark.parametrize("scale", [2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_clone_exchanges_equal_the_exchanged_tensor(monkeypatch, scale, dtype):
+    """The exchange figures (``swap_rel_div``), taken on pairs of block views chunk by chunk,
+    equal mean|X - X'| / mean|B_0| with X' the whole tensor gathered with clones g and h
+    exchanged; a tensor made exchangeable gives 0 for that exchange only."""
+    gen = torch.Generator().manual_seed(11)
+    s = scale
+    cases = [  # (shape, axes, swaps): q-like [heads, model], o-like [model, heads], stacked experts
+        ((s * 6, s * 10), [(0, s), (1, s)], {"model": (1,), "unit": (0,), "both": (1, 0)}),
+        ((s * 10, s * 6), [(0, s), (1, s)], {"model": (0,), "unit": (1,), "both": (0, 1)}),
+        ((3, s * 4, s * 10), [(1, s), (2, s), (0, 3)], {"model": (1,), "unit": (0,), "both": (1, 0)}),
+    ]
+    for shape, axes_list, swaps in cases:
+        axes = symmetry.TwinAxes(axes_list, swaps, s)
+        t = torch.randn(shape, generator=gen).to(dtype)
+        # exchanged along the residual dim only, then symmetrized: that exchange leaves it as it is
+        d = axes_list[swaps["model"][0]][0]
+        idx = torch.arange(shape[d]).view(s, -1)
+        idx[[s - 2, s - 1]] = idx[[s - 1, s - 2]]
+        sym = ((t.float() + t.float().index_select(d, idx.reshape(-1))) / 2).to(dtype)
+        for x in (t, sym):
+            monkeypatch.setitem(symmetry.STATS_CHUNK_BYTES, "cpu", 3 * math.prod(shape[1:]) * x.element_size())
+            got = symmetry._twin_sums([x], axes)[0].swap_rel()
+            mag = x.float().narrow(axes_list[0][0], 0, shape[axes_list[0][0]] // s)
+            for a, n in axes_list[1:]:
+                mag = mag.narrow(a, 0, shape[a] // n)
+            mag = mag.abs().mean().item()
+            assert set(got) == {f"{k}:{g}-{h}" for k in swaps for g in range(s) for h in range(g + 1, s)}
+            for key, value in got.items():
+                kind, pair = key.split(":")
+                g, h = map(int, pair.split("-"))
+                want = x.float()
+                for i in swaps[kind]:
+                    dim, n = axes_list[i]
+                    perm = torch.arange(shape[dim]).view(n, -1)
+                    perm[[g, h]] = perm[[h, g]]
+                    want = want.index_select(dim, perm.reshape(-1))
+                want = (x.float() - want).abs().mean().item() / mag
+                # bf16: the difference is taken in the tensor's dtype (equal entries still give 0)
+                assert value == pytest.approx(want, rel=1e-4 if dtype == torch.float32 else 1e-2, abs=1e-7), (shape, key)
+        exchanged = symmetry._twin_sums([sym], axes)[0].swap_rel()
+        assert exchanged[f"model:{s - 2}-{s - 1}"] == 0.0
+        assert min(v for k, v in exchanged.items() if k != f"model:{s - 2}-{s - 1}") > 1e-3
