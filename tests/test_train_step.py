@@ -35,7 +35,8 @@ def test_train_step_uses_the_model_loss_and_logs_its_parts(n_experts):
 
     model = fresh()
     fake = SimpleNamespace(model=model, optimizer=make_optimizer(model, cfg, 1e-3), cfg=cfg,
-                           _autocast=nullcontext, wrapper=None)
+                           _autocast=nullcontext, wrapper=None,
+                           _after_backward=lambda: None, _after_optimizer_step=lambda: None)
     loss, ce, aux, gnorm = Trainer._train_step(fake, x, y, 1e-3)
     assert torch.equal(loss, loss_ref.detach())  # the trained loss is bitwise the same
     if n_experts:
