@@ -460,6 +460,13 @@ class _Frozen:
                 p[b] = v
 
 
+def describe_freeze(handle) -> str:
+    """One line for a freeze handle (``which``, ``n_trainable``, ``n_total``, ``frozen``,
+    ``partial``): :class:`GrowthFreeze`, or the trainer's sharded one under torchrun."""
+    return (f"which={handle.which!r}: {handle.n_trainable:,} of {handle.n_total:,} entries trainable; "
+            f"{len(handle.frozen)} tensors frozen, {len(handle.partial)} partly trainable")
+
+
 class GrowthFreeze:
     """What :func:`freeze_for_growth` did; :meth:`remove` undoes it (also on ``with`` exit).
 
@@ -503,8 +510,7 @@ class GrowthFreeze:
         self.remove()
 
     def summary(self) -> str:
-        return (f"which={self.which!r}: {self.n_trainable:,} of {self.n_total:,} entries trainable; "
-                f"{len(self.frozen)} tensors frozen, {len(self.partial)} partly trainable")
+        return describe_freeze(self)
 
     def __repr__(self) -> str:
         return f"GrowthFreeze({self.summary()}{'' if self.active else ', removed'})"

@@ -602,8 +602,9 @@ class ShardedFreeze:
                 _local(p)[frozen] = saved
 
     def summary(self) -> str:
-        return (f"which={self.which!r}: {self.n_trainable:,} of {self.n_total:,} entries trainable; "
-                f"{len(self.frozen)} tensors frozen, {len(self.partial)} partly trainable")
+        from growkit.growth.masks import describe_freeze
+
+        return describe_freeze(self)
 
     def remove(self) -> None:
         self._frozen, self._partial = [], []

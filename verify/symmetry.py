@@ -439,10 +439,14 @@ def exchangeable_clones(rows: list[dict], min_divergence: float) -> list[dict]:
     for r in judged:
         (spaces[(r["layer"], r["space"])] if r.get("space") else residual_only).append(r)
 
+    def change(r: dict, kind: str, pair: str) -> float:
+        figures = r["swap_rel_div"]
+        if kind == "both" and f"both:{pair}" not in figures:  # no residual dim: "both" is the unit exchange
+            kind = "unit"
+        return figures.get(f"{kind}:{pair}", 0.0)  # no dim of that kind: the exchange changes nothing
+
     def worst(rs: list[dict], kind: str, pair: str) -> float:
-        fallback = {"model": None, "unit": None, "both": "unit"}[kind]  # no residual dim: unchanged by "model"
-        return max(r["swap_rel_div"].get(f"{kind}:{pair}", r["swap_rel_div"].get(f"{fallback}:{pair}", 0.0))
-                   for r in rs)
+        return max(change(r, kind, pair) for r in rs)
 
     found = []
     for pair in sorted({key.split(":")[1] for r in judged for key in r["swap_rel_div"]}):
