@@ -364,7 +364,7 @@ RUN_ONLY_FIELDS = ("out_dir", "run_dir", "name", "progress", "plot", "threads",
 #: at and after the growths (the budget is checked on its own); a phase's name covers
 #: all of its settings. Phase 1's floor and its steps (when to grow) are the pipeline's
 #: only: train_arm runs phase 1's warmup and rate over its own steps, down to the run's floor.
-PIPELINE_ONLY_FIELDS = ("phase1.min_lr_ratio", "phase1.steps", "phase2", "phase3", "noise_std",
+PIPELINE_ONLY_FIELDS = ("phase1.min_lr_ratio", "phase1.steps", "phase2", "phase3", "noise_std", "expert_reinit",
                         "reset_optimizer", "router_init", "train_after_growth", "depth_mode", "stack_scale",
                         "check_tolerance", "val_tolerance", "probe_batch_size",
                         "continue_on_failed_check", "post_growth_evals")

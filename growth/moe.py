@@ -107,6 +107,13 @@ def check_moe_args(n_experts, top_k, router_std=DEFAULT_ROUTER_STD, expert_noise
     return n_experts, top_k, router_std, expert_noise_std, seed
 
 
+def check_expert_reinit(expert_reinit) -> float:
+    """The Drop-Upcycling fraction, a real number in [0, 1] (ValueError / ArgumentKindError
+    naming ``expert_reinit``)."""
+    return real_number(expert_reinit, "expert_reinit", min=0.0, max=1.0,
+                       hint="the share of each expert's FFN units re-drawn: 0 (exact) to 1, e.g. 0.5")
+
+
 def parse_moe_layers(layers, n_layers: int, name: str = "layers") -> list[int]:
     """The sorted indices of the layers to upcycle, from ``layers``:
 
@@ -247,6 +254,7 @@ def upcycle_to_moe(
     *,
     router_std: float = DEFAULT_ROUTER_STD,
     expert_noise_std: float = 0.0,
+    expert_reinit: float = 0.0,
     seed: int = 0,
     norm_topk_prob: bool | None = None,
     layers=None,
@@ -270,7 +278,13 @@ def upcycle_to_moe(
             and ``router_std=0`` gives a zero router whatever ``router_init``.
         expert_noise_std: i.i.d. noise added to each expert copy so experts differ from
             the start. Any value > 0 changes the function slightly (default 0: exact).
-        seed: seeds the router and the expert noise (each draw keyed by (seed, tensor name)).
+        expert_reinit: Drop-Upcycling (Nakamura et al. 2025), a fraction in [0, 1]: in every
+            expert, that share of the FFN units (gate and up rows, down columns, their
+            gate/up biases) is re-drawn from N(mean, std^2) of the dense tensor, a different
+            random set per expert (``reinit_units``), so that the experts start apart.
+            Changes the function by design (default 0: exact); 1 re-draws every unit.
+        seed: seeds the router, the expert noise and the re-drawn units (each draw keyed by
+            (seed, tensor name); the units by (seed, layer)).
         norm_topk_prob: renormalize the top-k weights; None: the model config's (reference
             model), else True. A target that always renormalizes (Mixtral) refuses False.
         layers: which layers to upcycle (the others keep their dense MLP): None (every
@@ -284,8 +298,8 @@ def upcycle_to_moe(
             ``n_experts + 1`` tokens.
 
     Returns:
-        The MoE model; exact for ``norm_topk_prob=True`` (or ``top_k == n_experts``)
-        and ``expert_noise_std == 0``, whatever the router.
+        The MoE model; exact for ``norm_topk_prob=True`` (or ``top_k == n_experts``),
+        ``expert_noise_std == 0`` and ``expert_reinit == 0``, whatever the router.
     """
     adapter = get_adapter(model, "MoE upcycling")
     target = target_adapter(adapter)
@@ -300,6 +314,7 @@ def upcycle_to_moe(
         norm_topk_prob = False  # a target that never renormalizes
     n_experts, top_k, router_std, expert_noise_std, seed = check_moe_args(
         n_experts, top_k, router_std, expert_noise_std, seed, norm_topk_prob, router_init=router_init)
+    expert_reinit = check_expert_reinit(expert_reinit)
     if adapter.is_moe(model):
         raise ValueError("model is already a mixture of experts: upcycle_to_moe takes a dense model")
     moe_layers = resolve_moe_layers(adapter, target, model.config, layers, n_experts, router_init)
@@ -318,20 +333,22 @@ def upcycle_to_moe(
         if router_init == "hidden_pca" else None
     plan = plan_moe(adapter, target, model.config, specs, tied, n_experts, top_k, router_std=router_std,
                     expert_noise_std=expert_noise_std, seed=seed, norm_topk_prob=norm_topk_prob,
-                    layers=moe_layers, router_init=router_init, directions=directions)
+                    layers=moe_layers, router_init=router_init, directions=directions,
+                    expert_reinit=expert_reinit)
     return build_from_plan(plan, plan.execute(state.__getitem__), like=model)
 
 
 def plan_moe(adapter, target, config, specs: dict[str, TensorSpec], tied: bool, n_experts: int, top_k: int, *,
              router_std: float, expert_noise_std: float, seed: int, norm_topk_prob: bool,
              layers: list[int] | None = None, router_init: str = "normal",
-             directions: dict[int, torch.Tensor] | None = None) -> GrowthPlan:
+             directions: dict[int, torch.Tensor] | None = None, expert_reinit: float = 0.0) -> GrowthPlan:
     """The upcycling plan of a dense source described by its config and tensor specs (role
     names; arguments already checked: ``check_moe_args``, ``resolve_moe_layers``). See
     :func:`upcycle_to_moe`.
 
     ``layers``: the upcycled layers (None: every layer); the others keep their MLP, copied.
     ``directions``: layer -> [n_experts, d_model] unit rows (``hidden_pca`` only).
+    ``expert_reinit``: the Drop-Upcycling fraction (checked: ``check_expert_reinit``).
 
     Every random draw (router, expert noise) comes from a generator seeded by (seed, the
     new tensor's name), on the CPU in float32: one seed gives one model on any device,
@@ -363,8 +380,11 @@ def plan_moe(adapter, target, config, specs: dict[str, TensorSpec], tied: bool, 
             )
         new_name = target.tensor_name(expert_role, pr.layer)
         spec = TensorSpec((n_experts, *specs[name].shape), specs[name].dtype)
+        dims = pr.rule.dims
         tensors[new_name] = TensorPlan(spec, Source("experts", expert_role, name, n_experts=n_experts),
-                                       _experts(name, n_experts, expert_noise_std, derive_seed(seed, new_name)), (name,))
+                                       _experts(name, n_experts, expert_noise_std, derive_seed(seed, new_name),
+                                                expert_reinit, dims.index("ff") if "ff" in dims else None,
+                                                derive_seed(seed, f"expert_reinit.layer{pr.layer}")), (name,))
         if shared and pr.role in SHARED:
             shared_name = target.tensor_name(SHARED[pr.role], pr.layer)
             writes = ROLE_RULES[SHARED[pr.role]].writes_residual
@@ -389,14 +409,17 @@ def plan_moe(adapter, target, config, specs: dict[str, TensorSpec], tied: bool, 
     if router_init == "zero":
         notes.append("zero router: all logits equal, so torch.topk's tie-breaking sends every token to the same "
                      f"{top_k} experts until the load-balancing loss separates them")
+    if expert_reinit > 0:
+        notes.append(f"Drop-Upcycling: {expert_reinit:g} of each expert's FFN units re-drawn from the dense "
+                     "weights' mean and std, a different set per expert (not function-preserving by design)")
     settings = dict(n_experts=n_experts, top_k=top_k, router_std=router_std, expert_noise_std=expert_noise_std,
-                    seed=seed, norm_topk_prob=norm_topk_prob, family=target.name, router_init=router_init,
+                    expert_reinit=expert_reinit, seed=seed, norm_topk_prob=norm_topk_prob, family=target.name, router_init=router_init,
                     layers=sorted(sparse) if partial else None)
     record = GrowthRecord(
         "moe",
         settings,
         {n: t.source for n, t in tensors.items()},
-        function_preserving=expert_noise_std == 0,
+        function_preserving=expert_noise_std == 0 and expert_reinit == 0,
         notes=notes,
     )
     new_config = moe_config(adapter, target, config, n_experts, top_k, norm_topk_prob,
@@ -404,16 +427,41 @@ def plan_moe(adapter, target, config, specs: dict[str, TensorSpec], tied: bool, 
     return GrowthPlan(target, new_config, tensors, record, tied)
 
 
-def _experts(name, n_experts, noise_std, seed):
+def _experts(name, n_experts, noise_std, seed, reinit=0.0, ff_axis=None, unit_seed=0):
+    """[n_experts, *dense shape]: the dense tensor ``name`` in every expert slot, plus
+    i.i.d. N(0, noise_std^2) noise, then, with ``reinit`` > 0, Drop-Upcycling: in each
+    expert the FFN units of :func:`reinit_units` (along ``ff_axis`` of the dense shape)
+    re-drawn from N(mean, std^2) of the dense tensor. ``unit_seed`` is the layer's, so
+    the gate and up rows and the down columns of one unit are re-drawn together."""
     def make(get):
         t = get(name)
         stacked = t.unsqueeze(0).expand(n_experts, *t.shape).clone()
         if noise_std > 0:
             gen = torch.Generator().manual_seed(seed)
             stacked += (torch.randn(stacked.shape, generator=gen) * noise_std).to(stacked.dtype).to(stacked.device)
+        if reinit > 0 and ff_axis is not None:
+            # float64 statistics on the tensor's own device: one value for any device or dtype
+            # to well below float32's precision, without a host copy of a large matrix
+            mean, std = float(t.double().mean()), float(t.double().std()) if t.numel() > 1 else 0.0
+            gen = torch.Generator().manual_seed(seed ^ 0x5DEECE66D)
+            for e, units in enumerate(reinit_units(t.shape[ff_axis], n_experts, reinit, unit_seed)):
+                shape = list(t.shape)
+                shape[ff_axis] = len(units)
+                fresh = torch.randn(shape, generator=gen, dtype=torch.float32) * std + mean
+                stacked[e].index_copy_(ff_axis, units.to(stacked.device), fresh.to(stacked.dtype).to(stacked.device))
         return stacked
 
     return make
+
+
+def reinit_units(d_ff: int, n_experts: int, fraction: float, seed: int) -> list[torch.Tensor]:
+    """The FFN units Drop-Upcycling re-draws in each expert of one layer: for expert e, the
+    first ``round(fraction * d_ff)`` entries of the e-th random permutation of
+    ``range(d_ff)`` (a generator seeded by ``seed``), sorted. Each expert gets its own set,
+    so the experts differ from the start (Nakamura et al. 2025)."""
+    gen = torch.Generator().manual_seed(seed)
+    n = round(fraction * d_ff)
+    return [torch.randperm(d_ff, generator=gen)[:n].sort().values for _ in range(n_experts)]
 
 
 def _router(gate_name, rows, std, seed, init="normal", directions=None):

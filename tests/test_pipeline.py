@@ -443,7 +443,7 @@ def test_stack_mode_checks_the_widening_exactly_then_stacks(tmp_path, monkeypatc
                                         stack_scale=stack_scale, seed=cfg["seed"])
     grown = Trainer.__new__(Trainer)  # only the growth steps, as grow_into runs them
     grown.cfg = TrainConfig.from_dict(cfg)
-    made = grown._stack(grown._grow(3, moe))
+    made = grown._by_design(3, moe, grown._grow(3, moe))[1]
     assert [r.op for r in made.growth_records] == [r.op for r in expected.growth_records]
     for (name, p), (name2, q) in zip(made.state_dict().items(), expected.state_dict().items()):
         assert name == name2 and torch.equal(p, q), name
@@ -453,6 +453,39 @@ def test_stack_mode_checks_the_widening_exactly_then_stacks(tmp_path, monkeypatc
     assert code == 1
     report = json.loads((bad / "verify_phase3_scale_bilaterally.json").read_text())
     assert not report["check_passed"] and "depth_stack" not in report
+
+
+def test_drop_upcycling_checks_the_exact_upcycling_then_redraws_units(tmp_path, monkeypatch):
+    """--expert-reinit (Drop-Upcycling, not function-preserving by design): the upcycling is
+    grown exact and checked (functional identity PASSED, the loss unchanged), then redone
+    with the units re-drawn; the run needs no --continue-on-failed-check and records the
+    re-drawn model's loss from there on. A planted bug in the exact upcycling still stops it."""
+    code, run = run_main(tmp_path, "drop", "--expert-reinit", "0.5")
+    assert code == 0
+    report = json.loads((run / "verify_phase2_upcycle_to_moe.json").read_text())
+    assert report["passed"] and report["check_passed"] and report["val_rel_change"] == 0
+    status = {c["name"]: c["status"] for c in report["check"]["checks"]}
+    assert status["functional_identity"] == "PASSED", status
+    drop = report["expert_reinit"]
+    assert drop["expert_reinit"] == 0.5 and drop["val_loss_after"] != report["val_loss_after"]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["growth"]["phase2"]["val_loss_after"] == drop["val_loss_after"]
+    assert "expert_reinit" not in json.loads((run / "verify_phase3_scale_bilaterally.json").read_text())
+
+    real = growth.upcycle_to_moe
+
+    def broken(*a, **k):  # only the exact upcycling (the one checked) is wrong
+        model = real(*a, **k)
+        if not k.get("expert_reinit"):
+            with torch.no_grad():
+                model.layers[0].mlp.experts.down_proj.mul_(3.0)
+        return model
+
+    monkeypatch.setattr(growth, "upcycle_to_moe", broken)
+    code, bad = run_main(tmp_path, "drop-bad", "--expert-reinit", "0.5")
+    assert code == 1
+    report = json.loads((bad / "verify_phase2_upcycle_to_moe.json").read_text())
+    assert not report["check_passed"] and "expert_reinit" not in report
 
 
 def test_stack_scale_0_is_identity_layers_checked_with_the_widening(tmp_path, monkeypatch):

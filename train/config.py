@@ -148,6 +148,8 @@ class TrainConfig:
     """phase 2: experts per token, 1 <= top_k <= n_experts"""
     router_init: Literal["normal", "orthogonal", "zero", "hidden_pca"] = "normal"
     """phase 2: how the fresh routers start (upcycle_to_moe; all exact): 'normal' N(0, 0.02^2), 'orthogonal' rows, 'zero' (uniform logits: every token to the same top_k experts), 'hidden_pca' (principal directions of each MLP's input on the probe batch)"""
+    expert_reinit: float = 0.0
+    """phase 2: Drop-Upcycling (Nakamura et al. 2025), the share in [0, 1] of each expert's FFN units re-drawn from the dense weights' mean and std, a different set per expert, so that the experts start apart; not function-preserving by design: the exact upcycling is checked first, then the units are re-drawn and the loss change reported (0: exact)"""
     train_after_growth: Literal["all", "new"] = "all"
     """after each growth, train every parameter ('all') or only what that growth added ('new', growkit.growth.freeze_for_growth: new layers, clone blocks, routers, experts 1..E-1)"""
     aux_loss_coef: float = 0.01
@@ -294,6 +296,7 @@ class TrainConfig:
         check("seed", seed)
         check("val_fraction", real_number, above=0, below=1, hint="e.g. 0.05")
         check("noise_std", real_number, min=0, hint="e.g. 1e-5")
+        check("expert_reinit", real_number, min=0, max=1, hint="0 (exact upcycling) to 1, e.g. 0.5")
         check("stack_scale", real_number, min=0, max=1, hint="1: G_stack's full copies")
         if self.depth_mode != "stack" and self.stack_scale != 1.0:
             raise ValueError(f"TrainConfig.stack_scale={self.stack_scale!r} applies to depth_mode "

@@ -539,9 +539,9 @@ class Trainer:
 
         cfg = self.cfg
         if phase == 2:
-            calibration = self.probe() if cfg.router_init == "hidden_pca" else None
+            # exact: Drop-Upcycling (expert_reinit), which is not, comes after the checks
             return growth.upcycle_to_moe(old, cfg.n_experts, cfg.top_k, seed=cfg.seed,
-                                         router_init=cfg.router_init, calibration=calibration)
+                                         router_init=cfg.router_init, calibration=self._calibration())
         if self._stacks(phase):
             # G_stack changes the function by design: the width step, which must not, is
             # grown and checked alone first (grow_into stacks the layers after its checks).
@@ -559,12 +559,37 @@ class Trainer:
         cfg = self.cfg
         return phase == 3 and cfg.depth_mode == "stack" and cfg.extra_layers > 0 and cfg.stack_scale > 0
 
-    def _stack(self, wide: torch.nn.Module) -> torch.nn.Module:
-        """The widened (and checked) model deepened by G_stack, its records as
-        ``scale_bilaterally`` leaves them (width, then depth) for the Adam-state transfer."""
+    def _by_design(self, phase: int, old: torch.nn.Module,
+                   checked: torch.nn.Module) -> tuple[str, torch.nn.Module, dict[str, Any], str] | None:
+        """The step after phase ``phase``'s checked growth that changes the function by
+        design, or None: (its key in the growth report, the model that trains, its settings,
+        what the log says it did).
+
+        * G_stack (``depth_mode="stack"``): the widened, checked model deepened by stacking,
+          its records as ``scale_bilaterally`` leaves them (width, then depth) for the
+          Adam-state transfer. Du et al. 2024: it then learns faster.
+        * Drop-Upcycling (``expert_reinit`` > 0): the upcycling done again from the same
+          dense model and seed (so the same routers), with that share of each expert's FFN
+          units re-drawn. Nakamura et al. 2025: experts that start apart specialize sooner."""
         import growkit.growth as growth
 
-        return growth.deepen_widened(wide, self.cfg.extra_layers, "stack", **self._stack_args())
+        cfg = self.cfg
+        if self._stacks(phase):
+            damped = f", writers x{cfg.stack_scale:g}" if cfg.stack_scale != 1.0 else ""
+            return ("depth_stack",
+                    growth.deepen_widened(checked, cfg.extra_layers, "stack", **self._stack_args()),
+                    {"extra_layers": cfg.extra_layers, "stack_scale": cfg.stack_scale},
+                    f"{cfg.extra_layers} layers stacked (G_stack{damped})")
+        if phase == 2 and cfg.expert_reinit > 0:
+            return ("expert_reinit",
+                    growth.upcycle_to_moe(old, cfg.n_experts, cfg.top_k, seed=cfg.seed, router_init=cfg.router_init,
+                                          calibration=self._calibration(), expert_reinit=cfg.expert_reinit),
+                    {"expert_reinit": cfg.expert_reinit},
+                    f"{cfg.expert_reinit:g} of each expert's FFN units re-drawn (Drop-Upcycling)")
+        return None
+
+    def _calibration(self) -> torch.Tensor | None:
+        return self.probe() if self.cfg.router_init == "hidden_pca" else None
 
     def _whole_model(self) -> tuple[Transformer, torch.optim.AdamW]:
         """(hook) The model to grow and the AdamW that trained it, whole on this process."""
@@ -612,18 +637,20 @@ class Trainer:
             "new_model_config": new_model.config.to_dict(),
             "grow_s": t_grow, "check_s": t_check,
         }
-        if self._stacks(phase) and (report["passed"] or cfg.continue_on_failed_check):
-            # Checked above: the widening, exact. The stacked layers change the function by
-            # design (Du et al. 2024: it then learns faster): their effect is reported, not judged.
-            new_model = self._stack(new_model).to(self.device)
+        by_design = self._by_design(phase, old_model, new_model) \
+            if report["passed"] or cfg.continue_on_failed_check else None
+        if by_design is not None:
+            # Checked above: the exact growth. What follows changes the function by design:
+            # its effect is reported, not judged.
+            key, new_model, settings, did = by_design
+            new_model = new_model.to(self.device)
             new_model.train()
-            val_stacked = self.evaluate(new_model)
-            report["depth_stack"] = {
-                "extra_layers": cfg.extra_layers, "stack_scale": cfg.stack_scale,
-                "val_loss_after": val_stacked,
-                "val_rel_change": (val_stacked - val_after) / max(abs(val_after), 1e-12),
-                "note": "G_stack copies layers: the function changes by design; the checks "
-                        "and the loss tolerance above judge the width growth alone"}
+            val_changed = self.evaluate(new_model)
+            report[key] = {
+                **settings, "val_loss_after": val_changed,
+                "val_rel_change": (val_changed - val_after) / max(abs(val_after), 1e-12),
+                "note": f"{did}: the function changes by design; the checks and the loss "
+                        "tolerance above judge the exact growth before it"}
             report["new_model_config"] = new_model.config.to_dict()
         self._write_json(self.run_dir / report_name, report)
         # The text report, as detailed_growth_check prints it (the JSON file has the same).
@@ -635,11 +662,10 @@ class Trainer:
             f"{val_after:.4f} ({100 * rel:.3f}% change, limit {100 * cfg.val_tolerance:g}%) "
             f"{'ok' if val_ok else 'TOO LARGE'}; report {report_name} "
             f"(grow {t_grow:.1f}s, check {t_check:.1f}s)")
-        if "depth_stack" in report:
-            st = report["depth_stack"]
-            damped = f", writers x{cfg.stack_scale:g}" if cfg.stack_scale != 1.0 else ""
-            self._say(f"  then {cfg.extra_layers} layers stacked (G_stack{damped}, not function-"
-                      f"preserving by design): val loss {val_after:.4f} -> "
+        if by_design is not None:
+            key, _, _, did = by_design
+            st = report[key]
+            self._say(f"  then {did}, not function-preserving by design: val loss {val_after:.4f} -> "
                       f"{st['val_loss_after']:.4f} ({100 * st['val_rel_change']:+.2f}%)")
             # what the run records from here on: the model that trains, against the loss before
             val_after = st["val_loss_after"]
