@@ -77,6 +77,10 @@ class GrowArgs:
     router_init: Literal["normal", "orthogonal", "zero", "hidden_pca"] = "normal"
     """normal (N(0, router_std^2)), orthogonal or zero; hidden_pca needs a forward pass of the
     model and is only in Python (upcycle_to_moe)"""
+    moe_reinit: float = 0.0
+    """Drop-Upcycling: the share in [0, 1] of each expert's FFN units re-drawn from the dense
+    weights' mean and std, a different set per expert (not function-preserving by design:
+    growkit verify reports the drift, it does not judge it; 0: exact)"""
     noise_std: float = 1e-5
     """zero-sum symmetry-breaking noise of the width step"""
     noise: Literal["zero_sum", "independent"] = "zero_sum"
@@ -106,7 +110,7 @@ def grow(args: GrowArgs) -> int:
     import torch
 
     from growkit.growth.depth import check_depth_args, check_stack_scale, plan_depth
-    from growkit.growth.moe import check_moe_args, plan_moe, resolve_moe_layers, target_adapter
+    from growkit.growth.moe import check_expert_reinit, check_moe_args, plan_moe, resolve_moe_layers, target_adapter
     from growkit.growth.stream import grow_checkpoint
     from growkit.growth.width import check_width_args, plan_width
 
@@ -122,8 +126,9 @@ def grow(args: GrowArgs) -> int:
                        "growkit.growth.save_grown; here choose normal, orthogonal or zero")
     if moe:
         moe, top_k, router_std, _, _ = check_moe_args(moe, top_k, router_std, 0.0, seed, True, router_init=router_init)
-    elif moe_layers is not None or router_init != "normal":
-        raise BadInput("--moe-layers and --router-init apply to upcycling: give --moe E as well")
+        moe_reinit = check_expert_reinit(args.moe_reinit, "moe_reinit")
+    elif moe_layers is not None or router_init != "normal" or args.moe_reinit != 0:
+        raise BadInput("--moe-layers, --router-init and --moe-reinit apply to upcycling: give --moe E as well")
     if width == 1 and depth == 0 and not moe:
         raise BadInput("nothing to do: give --width S (>= 2), --depth N (>= 1) or --moe E")
     if device == "cuda" and not torch.cuda.is_available():
@@ -142,7 +147,8 @@ def grow(args: GrowArgs) -> int:
             chosen = resolve_moe_layers(adapter, target, config, moe_layers, moe, router_init, name="moe_layers")
             plans.append(plan_moe(adapter, target, config, specs, tied, moe, top_k, router_std=router_std,
                                   expert_noise_std=0.0, seed=seed, norm_topk_prob=True if always or target.has("norm_topk_prob") else False,
-                                  layers=None if moe_layers is None else chosen, router_init=router_init))
+                                  layers=None if moe_layers is None else chosen, router_init=router_init,
+                                  expert_reinit=moe_reinit))
             adapter, config, specs, tied = target, plans[-1].config, plans[-1].specs(), plans[-1].tied
         if width != 1:
             plans.append(plan_width(adapter, config, specs, tied, width, noise_std=noise_std, noise=noise, seed=seed))

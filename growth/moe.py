@@ -107,10 +107,10 @@ def check_moe_args(n_experts, top_k, router_std=DEFAULT_ROUTER_STD, expert_noise
     return n_experts, top_k, router_std, expert_noise_std, seed
 
 
-def check_expert_reinit(expert_reinit) -> float:
+def check_expert_reinit(expert_reinit, name: str = "expert_reinit") -> float:
     """The Drop-Upcycling fraction, a real number in [0, 1] (ValueError / ArgumentKindError
-    naming ``expert_reinit``)."""
-    return real_number(expert_reinit, "expert_reinit", min=0.0, max=1.0,
+    naming ``name``)."""
+    return real_number(expert_reinit, name, min=0.0, max=1.0,
                        hint="the share of each expert's FFN units re-drawn: 0 (exact) to 1, e.g. 0.5")
 
 

@@ -51,10 +51,13 @@ CASES = [
      lambda m: scale_bilaterally(m, 2, 2, depth_mode="stack", stack_scale=0)),
     ("qwen2", ["--depth", "2", "--depth-mode", "stack", "--stack-scale", "0.5"],
      lambda m: grow_depth(m, 2, mode="stack", stack_scale=0.5)),
+    # Drop-Upcycling: re-drawn units, tensor by tensor as in memory; measured, not judged
+    ("llama", ["--moe", "4", "--moe-reinit", "0.5", "--seed", "3"],
+     lambda m: upcycle_to_moe(m, 4, 2, expert_reinit=0.5, seed=3)),
 ]
 
 
-@pytest.mark.parametrize("family,args,grow", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("family,args,grow", CASES, ids=[c[0] + ("-reinit" if "--moe-reinit" in c[1] else "") for c in CASES])
 def test_grow_round_trip_is_bitwise_and_verifies(tmp_path, family, args, grow, capsys):
     m = tiny_model(family)
     src = _save(m, tmp_path / "src")
@@ -82,7 +85,7 @@ def test_grow_round_trip_is_bitwise_and_verifies(tmp_path, family, args, grow, c
     identity = [c for c in data["checks"] if c["name"] == "functional_identity"][0]
     # stacked copies change the function by design: measured, not judged
     stack_scale = args[args.index("--stack-scale") + 1] if "--stack-scale" in args else None
-    by_design = "stack" in args and stack_scale != "0"  # --stack-scale 0: identity layers
+    by_design = ("stack" in args and stack_scale != "0") or "--moe-reinit" in args  # --stack-scale 0: identity layers
     assert data["passed"] and identity["status"] == ("SKIPPED" if by_design else "PASSED")
 
 
@@ -251,6 +254,7 @@ def test_streaming_matches_memory_in_bfloat16(tmp_path):
     ("gemma", ["--width", "2", "--depth", "1"]),
     ("mixtral", ["--width", "2"]),
     ("qwen2", ["--moe", "4"]),
+    ("qwen3", ["--moe", "4", "--moe-reinit", "0.5"]),
     ("phi3", ["--width", "2", "--noise-std", "0"]),
 ])
 def test_layerwise_verdicts_equal_the_in_memory_ones(tmp_path, family, args):
@@ -267,7 +271,7 @@ def test_layerwise_verdicts_equal_the_in_memory_ones(tmp_path, family, args):
                   + (["--layerwise"] if mode == "layerwise" else []))
         reports[mode] = (rc, json.loads(path.read_text()))
     (rc_m, mem), (rc_l, lw) = reports["memory"], reports["layerwise"]
-    assert rc_m == rc_l == (1 if "0" in args else 0)  # noise_std 0: exact twins fail symmetry
+    assert rc_m == rc_l == (1 if "--noise-std" in args else 0)  # noise_std 0: exact twins fail symmetry
     assert [(c["name"], c["status"]) for c in mem["checks"]] == [(c["name"], c["status"]) for c in lw["checks"]]
     for a, b in zip(mem["checks"], lw["checks"]):
         for key in ("max_rel_diff_hidden", "logits_rel_diff", "tensors_judged", "least_diverged", "max_rel_diff"):
@@ -319,6 +323,8 @@ def test_grow_partial_upcycling_then_deeper_keeps_the_layer_choice(tmp_path):
     (["--moe", "4", "--moe-layers", "sometimes"], "moe_layers must be"),
     (["--moe", "4", "--router-init", "bogus"], ""),
     (["--width", "2", "--moe-layers", "every:2"], "give --moe E"),
+    (["--width", "2", "--moe-reinit", "0.5"], "give --moe E"),
+    (["--moe", "4", "--moe-reinit", "1.5"], "moe_reinit must be a finite number >= 0.0 and <= 1.0"),
     (["--moe", "64", "--router-init", "orthogonal"], "n_experts (64) must be <= d_model (48)"),
 ])
 def test_grow_moe_options_bad_input_exits_2(tmp_path, args, message, capsys):
