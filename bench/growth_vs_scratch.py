@@ -56,6 +56,7 @@ import statistics
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
@@ -490,12 +491,28 @@ def arm_task(model_cfg: dict, lr: float, label: str, cfg: dict, budget: float, n
                      Evaluator(ds, cfg, dev), dev, n_evals, label)
 
 
+def exit_with_parent(parent_pid: int, poll_s: float = 0.5) -> None:
+    """(worker initializer) Ends this process as soon as ``parent_pid`` is no longer its
+    parent. A killed comparison's pool workers otherwise run on: the one busy finishes its
+    arm, and the arms already handed to the pool's call queue start after it, writing into
+    the run folders a new comparison with the same ``--out`` then finds half made
+    (measured: a queued pipeline run started after its parent was killed)."""
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(poll_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def run_tasks(tasks: list[tuple[Any, tuple]], jobs: int) -> list:
-    """``[fn(*args) for fn, args in tasks]``, in ``jobs`` processes when ``jobs > 1``."""
+    """``[fn(*args) for fn, args in tasks]``, in ``jobs`` processes when ``jobs > 1``
+    (which end when this process does, however it ends: :func:`exit_with_parent`)."""
     if jobs <= 1 or len(tasks) <= 1:
         return [fn(*a) for fn, a in tasks]
     # spawn, not fork: a forked child inherits torch's thread pools in whatever state.
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as ex:
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=exit_with_parent, initargs=(os.getpid(),)) as ex:
         futures = [ex.submit(fn, *a) for fn, a in tasks]
         return [f.result() for f in futures]
 

@@ -297,7 +297,7 @@ def test_recipe_table_has_a_row_per_recipe_best_first_and_refuses_another_arm_b(
         a = {"final_val_loss": {"mean": final, "std": 0.0},
              "flops_to_target": {"scratch_final": {"fraction_of_budget": reach_at / 20,
                                                    "seeds_reached": 1, "per_seed": [reach_at]}},
-             "post_growth_spike": {"phase3": {"mean": 0.01, "max": 0.02}},
+             "post_growth_spike": {"phase2": {"mean": 0.2, "max": 0.25}, "phase3": {"mean": 0.01, "max": 0.02}},
              "runs": [{"seed": 0, "final_val_loss": final, "growth_flops": [5.0],
                        "curve": [(0.0, 3.0), (5.0, 2.0), (reach_at, 1.0), (20.0, final)]}]}
         return a if items is None else {**a, "items": items}
@@ -315,8 +315,76 @@ def test_recipe_table_has_a_row_per_recipe_best_first_and_refuses_another_arm_b(
     assert rows[0].startswith("| phase3.lr=2e-3 | 100% | 0.9000")  # best final first
     assert rows[0].endswith("| 2.00 |")  # (b) takes 10 FLOPs from 2.0 to 1.0, the recipe 5
     assert rows[1].endswith("| 1.00 |")
+    assert "+1.0% (max +2.0%)" in rows[0] and "+20.0%" not in rows[0]
+    # --upcycling-spike: phase 2's spike in its own column, before the widening's
+    up = [line for line in table([first], upcycling_spike=True).splitlines() if line.startswith("| ")]
+    assert "| loss spike after upcycling | loss spike after widening |" in up[0]
+    assert up[1].count("|") == rows[0].count("|") + 1
+    assert "| +20.0% (max +25.0%) | +1.0% (max +2.0%) |" in up[2]
     other = tmp_path / "b.json"
     b_runs[0]["final_val_loss"] = 1.01
     other.write_text(json.dumps(result))
     with pytest.raises(SystemExit, match="arm \\(b\\) differs"):
         table([first, other])
+
+
+WORKER_SCRIPT = """
+import os, sys, time
+sys.path.insert(0, {bench!r})
+import growth_vs_scratch
+
+def task(i):
+    with open(os.path.join({out!r}, f"started-{{i}}"), "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(60)
+
+if __name__ == "__main__":
+    growth_vs_scratch.run_tasks([(task, (i,)) for i in range(3)], 2)
+"""
+
+
+def test_pool_workers_end_with_a_killed_comparison(tmp_path):
+    """Killing a --jobs comparison ends its workers: the busy ones stop, and the arm already
+    queued for the pool never starts (it would write into a run folder after its parent is
+    gone)."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    bench = str(Path(__file__).resolve().parent.parent / "bench")
+    script = tmp_path / "pool.py"
+    script.write_text(WORKER_SCRIPT.format(bench=bench, out=str(tmp_path)))
+    parent = subprocess.Popen([sys.executable, str(script)])
+    started = [tmp_path / f"started-{i}" for i in range(3)]
+
+    def wait_for(what, limit_s):
+        end = time.monotonic() + limit_s
+        while not what() and time.monotonic() < end:
+            time.sleep(0.1)
+        return what()
+
+    try:
+        assert wait_for(lambda: all(p.exists() and p.read_text() for p in started[:2]), 120)
+        workers = [int(p.read_text()) for p in started[:2]]
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+
+        def alive(pid):
+            try:
+                with open(f"/proc/{pid}/stat") as f:  # a zombie has ended: state Z
+                    return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+            except FileNotFoundError:
+                return False
+
+        assert wait_for(lambda: not any(alive(pid) for pid in workers), 10), "workers outlived their parent"
+        time.sleep(1.0)
+        assert not started[2].exists(), "a queued task started after its parent was killed"
+    finally:
+        parent.kill()
+        for p in started:
+            if p.exists() and p.read_text():
+                try:
+                    os.kill(int(p.read_text()), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
