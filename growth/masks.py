@@ -26,7 +26,8 @@ came from. From them this module tells, entry by entry, what is *new* and what i
   as many as the source model had, and training only new entries keeps a bit-identical
   copy of the dense MLP inside the MoE. ``experts="all_new"`` counts every expert as new
   (the whole MoE FFN trains with ``which="new"``; only attention, norms and embeddings
-  count as old).
+  count as old), and so does Drop-Upcycling (``expert_reinit`` > 0 in the record): its
+  expert 0 holds re-drawn random units, no copy of the dense MLP to keep.
 * **chains** (width then depth from ``scale_bilaterally``, a checkpoint grown in one
   ``growkit grow`` pass, or records passed explicitly): composed in order; new in an
   earlier step stays new (an identity layer of a widened model is wholly new; an old
@@ -244,8 +245,8 @@ def _step(k: int, rec: GrowthRecord, new_name: str, src: Source, inp: Den, layer
         if src.kind in ("copy", "zero"):  # a shared expert: a new module
             return None
         if src.kind == "experts":
-            if experts == "all_new" or inp is None:
-                return None
+            if experts == "all_new" or inp is None or rec.settings.get("expert_reinit", 0):
+                return None  # Drop-Upcycling re-drew units of expert 0 too
             return (int(src.n_experts),) + _pad(inp, ndim - 1, new_name)
         raise ValueError(f"{where}: an MoE record with a {src.kind!r} source")
     raise ValueError(f"{where}: unknown growth op {rec.op!r}")

@@ -168,3 +168,22 @@ def test_a_dense_model_of_odd_width_rounds_the_unit_count():
         assert len(changed(exact.layers[0].mlp.experts.up_proj[e], drop.layers[0].mlp.experts.up_proj[e], 0)) == 2
     # configs are unchanged by re-drawing
     assert dataclasses.asdict(drop.config) == dataclasses.asdict(exact.config)
+
+
+def test_train_what_growth_added_counts_every_redrawn_expert_as_new():
+    """experts="first_old" keeps expert 0 as the dense MLP's frozen copy; after
+    Drop-Upcycling expert 0 holds re-drawn random units, so it must train too (frozen, they
+    would stay random for good). Widening afterwards keeps them new."""
+    from growkit.growth import scale_bilaterally, trainable_mask
+
+    model = dense()
+    exact = trainable_mask(upcycle_to_moe(model, 4, 2), "new")
+    assert not exact["layers.0.mlp.experts.gate_proj"][0].any()  # the dense MLP, kept
+    assert exact["layers.0.mlp.experts.gate_proj"][1:].all()
+    for grown in (upcycle_to_moe(model, 4, 2, expert_reinit=0.5),
+                  scale_bilaterally(upcycle_to_moe(model, 4, 2, expert_reinit=0.5), 2, 1, 1e-2)):
+        mask = trainable_mask(grown, "new")
+        for name, m in mask.items():
+            if ".experts." in name:
+                assert m is True or bool(torch.as_tensor(m).all()), name
+        assert mask["layers.0.attn.q_proj.weight"] is not True  # the rest keeps its old entries
