@@ -255,6 +255,7 @@ def test_streaming_matches_memory_in_bfloat16(tmp_path):
     ("mixtral", ["--width", "2"]),
     ("qwen2", ["--moe", "4"]),
     ("qwen3", ["--moe", "4", "--moe-reinit", "0.5"]),
+    ("llama", ["--moe", "4", "--router-init", "zero"]),  # exchangeable experts, read from disk
     ("phi3", ["--width", "2", "--noise-std", "0"]),
 ])
 def test_layerwise_verdicts_equal_the_in_memory_ones(tmp_path, family, args):
@@ -271,10 +272,12 @@ def test_layerwise_verdicts_equal_the_in_memory_ones(tmp_path, family, args):
                   + (["--layerwise"] if mode == "layerwise" else []))
         reports[mode] = (rc, json.loads(path.read_text()))
     (rc_m, mem), (rc_l, lw) = reports["memory"], reports["layerwise"]
-    assert rc_m == rc_l == (1 if "--noise-std" in args else 0)  # noise_std 0: exact twins fail symmetry
+    # noise_std 0: exact twins fail symmetry; a zero router: exchangeable experts (and collapsed routing)
+    assert rc_m == rc_l == (1 if "--noise-std" in args or "zero" in args else 0)
     assert [(c["name"], c["status"]) for c in mem["checks"]] == [(c["name"], c["status"]) for c in lw["checks"]]
     for a, b in zip(mem["checks"], lw["checks"]):
-        for key in ("max_rel_diff_hidden", "logits_rel_diff", "tensors_judged", "least_diverged", "max_rel_diff"):
+        for key in ("max_rel_diff_hidden", "logits_rel_diff", "tensors_judged", "least_diverged", "max_rel_diff",
+                    "exchangeable_clones"):
             if key in a.get("figures", {}):
                 assert a["figures"][key] == b["figures"][key], (a["name"], key)
 

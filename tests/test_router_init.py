@@ -4,6 +4,7 @@ softmax sits) checked against every target class's own forward, and the argument
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
@@ -323,3 +324,49 @@ def test_arguments_are_checked_before_anything_is_made(kwargs, name, monkeypatch
 def test_check_moe_args_normalizes():
     assert check_moe_args(4.0, 2, 0, 0, 3, True, router_init="zero") == (4, 2, 0.0, 0.0, 3)
     assert isinstance(check_moe_args(4, 2)[2], float)
+
+
+# ----------------------------------------------------------------------------- exchangeable experts
+def test_symmetry_check_fails_experts_the_router_cannot_tell_apart():
+    """Experts with equal router rows and equal weights are exchangeable: the rule against
+    expert 0 misses it (each expert differs from expert 0 in its gradient), the exchange
+    does not. A zero router over fresh copies makes every pair exchangeable, and two AdamW
+    steps later the pairs topk's tie-breaking treats alike are still bitwise equal; one
+    duplicated router row makes one pair; distinct rows, or experts started apart
+    (Drop-Upcycling), make none."""
+    import torch.nn.functional as F
+
+    from growkit.verify import run_growth_checks
+
+    model = random_model(seed=41, n_layers=2)
+    ids = random_ids(shape=(2, 16))
+
+    def symmetry(moe):
+        return run_growth_checks(model, moe, ids, "cpu", scale_factor=1)["symmetry_breaking"]
+
+    zero = upcycle_to_moe(model, 4, 2, router_init="zero")
+    check = symmetry(zero)
+    assert check.status == "FAILED" and check.diagnosis == "experts_exchangeable", check.summary
+    pairs = {(e["layer"], tuple(e["clones"])) for e in check.figures["exchangeable_clones"]}
+    assert pairs == {(layer, p) for layer in (0, 1) for p in itertools.combinations(range(4), 2)}
+    assert [row["status"] for row in check.table] == ["FAIL", "FAIL"]
+    # the premise, measured: trained, pairs the top-k takes together stay equal
+    opt = torch.optim.AdamW(zero.parameters(), lr=1e-2)
+    for _ in range(2):
+        opt.zero_grad()
+        F.cross_entropy(zero(ids)[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
+        opt.step()
+    experts = zero.layers[0].mlp.experts.gate_proj
+    assert torch.equal(experts[0], experts[1]) and torch.equal(experts[2], experts[3])
+    assert not torch.equal(experts[1], experts[2])
+
+    assert symmetry(upcycle_to_moe(model, 4, 2)).status == "PASSED"
+    duplicated = upcycle_to_moe(model, 4, 2)
+    with torch.no_grad():
+        duplicated.layers[1].mlp.router.weight[2] = duplicated.layers[1].mlp.router.weight[1]
+    check = symmetry(duplicated)
+    assert check.status == "FAILED" and check.where == "1"
+    assert [(e["layer"], e["clones"]) for e in check.figures["exchangeable_clones"]] == [(1, [1, 2])]
+    assert "experts 1 and 2 of layer 1" in check.cause
+    # equal router rows, experts apart: nothing to exchange
+    assert symmetry(upcycle_to_moe(model, 4, 2, router_init="zero", expert_reinit=0.25)).status == "PASSED"

@@ -757,7 +757,26 @@ def layerwise_symmetry(off: OffloadedModel, probe: torch.Tensor, scale: int, exp
     for p in small:
         p.requires_grad_(False)
         p.grad = None
-    return symmetry_check(model, None, scale, expert_twins=expert_twins, min_divergence=min_divergence, rows=rows)
+    experts = symmetry.exchangeable_experts(model, _disk_roles(off), min_divergence) if expert_twins else []
+    return symmetry_check(model, None, scale, expert_twins=expert_twins, min_divergence=min_divergence, rows=rows,
+                          experts=experts)
+
+
+def _disk_roles(off: OffloadedModel):
+    """role name -> its tensor read from the checkpoint, one parameter held at a time (the
+    parts of a fused one come from one read)."""
+    held: dict[str, dict[str, torch.Tensor]] = {}
+
+    def get(role: str) -> torch.Tensor:
+        m = PART.match(role)
+        name = m.group(1) if m else role
+        if name not in held:
+            held.clear()
+            w = off._load(off.held_of[name])[name]
+            held[name] = off.adapter.split(off.model, {name: w})
+        return held[name][role]
+
+    return get
 
 
 def run_growth_checks_layerwise(src, dst, probe: torch.Tensor, records=None, *, device: str = "cpu",

@@ -102,6 +102,16 @@ _DIAGNOSES = [
         "keeps the function exact",
     ),
     Diagnosis(
+        "experts_exchangeable",
+        "two experts of an upcycled MoE layer have equal router rows and equal weights",
+        "a router that cannot tell them apart (router_init='zero', or duplicated rows) over "
+        "experts that are still copies of one MLP: every token gives them equal logits, so "
+        "they receive equal gradients (or, where torch.topk breaks a tie at the top-k "
+        "boundary, one of them none) and train as one expert",
+        "start the router with distinct rows (router_init 'normal', 'orthogonal' or "
+        "'hidden_pca'), or the experts apart (expert_noise_std, expert_reinit)",
+    ),
+    Diagnosis(
         "weight_expansion_bug",
         "the output of one layer (or of one of its projections) differs from the tiled "
         "source while the layer's input matches",

@@ -418,6 +418,60 @@ def measure_twins(model: nn.Module, grads: dict | None, scale: int,
     return rows
 
 
+def _pair_changes(x: torch.Tensor, pairs=None) -> dict[tuple[int, int], float]:
+    """mean|x[e] - x[f]| / mean|x| along dim 0, for ``pairs`` (None: every pair e < f)."""
+    x = x.detach()
+    n = x[0].numel()
+    mag = float(torch.linalg.vector_norm(x.flatten(), ord=1, dtype=torch.float32)) / x.numel()
+    if pairs is None and x.dim() == 2:  # a router [E, d]: every pair in one op
+        dist = torch.cdist(x.float(), x.float(), p=1) / n
+        return {(e, f): relative(float(dist[e, f]), mag)
+                for e, f in itertools.combinations(range(x.shape[0]), 2)}
+    pairs = itertools.combinations(range(x.shape[0]), 2) if pairs is None else pairs
+    return {(e, f): relative(float(torch.linalg.vector_norm((x[e] - x[f]).flatten(), ord=1,
+                                                            dtype=torch.float32)) / n, mag)
+            for e, f in pairs}
+
+
+def exchangeable_experts(model: nn.Module, get, min_divergence: float) -> list[dict]:
+    """The pairs of experts of each MoE layer that exchanging leaves the model unchanged by:
+    their router rows and every expert tensor's slices equal to ``min_divergence``
+    (relative, mean|X_e - X_f| / mean|X|). ``get``: role name -> tensor, asked for a
+    layer's expert tensors only when two of its router rows are that close (in memory the
+    parameters; layerwise, read from disk), so a model whose router rows all differ costs
+    one router read per layer.
+
+    NOTE: weights only, as for clones. Exchangeable experts get equal logits for every
+    token; when both (or neither) are in a token's top-k they get equal gradients, and
+    stay equal forever (measured: router_init="zero" over fresh copies, experts 0 and 1,
+    and 2 and 3, bitwise equal after 20 AdamW steps); only where torch.topk breaks a tie
+    at the top-k boundary does one of them get a token the other does not. Four experts
+    then train as two, which the rule against expert 0 misses (each differs from it)."""
+    adapter = get_adapter(model, "verification")
+    layers: dict = defaultdict(lambda: [None, []])
+    for name, pr in adapter.param_roles(model).items():
+        if pr.role is Role.ROUTER:
+            layers[pr.layer][0] = name
+        elif pr.rule.dims[:1] == ("experts",):
+            layers[pr.layer][1].append(name)
+    found = []
+    for layer in sorted(layers, key=lambda x: (x is None, x if x is not None else 0)):
+        router, experts = layers[layer]
+        if router is None or not experts:
+            continue
+        close = {p: v for p, v in _pair_changes(get(router)).items() if v <= min_divergence}
+        for name in experts:
+            if not close:
+                break
+            for p, v in _pair_changes(get(name), list(close)).items():
+                close[p] = max(close[p], v)
+                if close[p] > min_divergence:
+                    del close[p]
+        found += [dict(space="experts", layer=layer, clones=[e, f], max_rel_change=v)
+                  for (e, f), v in sorted(close.items())]
+    return found
+
+
 def exchangeable_clones(rows: list[dict], min_divergence: float) -> list[dict]:
     """The pairs of clones that a swap leaves the model unchanged by (see :func:`_swap_means`).
 
@@ -468,16 +522,19 @@ def exchangeable_clones(rows: list[dict], min_divergence: float) -> list[dict]:
 
 def _describe_exchangeable(found: list[dict]) -> str:
     return "; ".join(
-        f"clones {e['clones'][0]} and {e['clones'][1]} of "
-        + ("the residual stream" if e["space"] == "residual" else f"layer {e['layer']}'s {e['space']} units")
+        (f"experts {e['clones'][0]} and {e['clones'][1]} of layer {e['layer']}" if e["space"] == "experts" else
+         f"clones {e['clones'][0]} and {e['clones'][1]} of "
+         + ("the residual stream" if e["space"] == "residual" else f"layer {e['layer']}'s {e['space']} units"))
         for e in found[:4]) + (f"; and {len(found) - 4} more" if len(found) > 4 else "")
 
 
 def symmetry_check(model: nn.Module, run: ProbeRun | None, scale: int, *, expert_twins: bool | None = None,
-                   min_divergence: float = DEFAULT_MIN_DIVERGENCE, rows: list[dict] | None = None) -> CheckResult:
+                   min_divergence: float = DEFAULT_MIN_DIVERGENCE, rows: list[dict] | None = None,
+                   experts: list[dict] | None = None) -> CheckResult:
     """The symmetry verdict from one backward pass (``run.grads``), or from ``rows`` that
-    :func:`measure_twins` measured already (layer by layer, ``verify.layerwise``);
-    ``min_divergence`` checked by the caller (``Comparison``)."""
+    :func:`measure_twins` measured already and ``experts`` that :func:`exchangeable_experts`
+    found (layer by layer, ``verify.layerwise``); ``min_divergence`` checked by the caller
+    (``Comparison``)."""
     if expert_twins is None:
         expert_twins = has_upcycled_experts(model)
     if scale <= 1 and not expert_twins:
@@ -485,6 +542,9 @@ def symmetry_check(model: nn.Module, run: ProbeRun | None, scale: int, *, expert
                            min_divergence, RULE)
     if rows is None:
         rows = measure_twins(model, run.grads, scale, expert_twins)
+    if experts is None:
+        params = get_adapter(model, "verification").role_params(model)
+        experts = exchangeable_experts(model, params.__getitem__, min_divergence) if expert_twins else []
     for r in rows:
         r["identical_weights"] = r["weight_rel_div"] <= min_divergence
         r["identical_grads"] = r.get("grad_rel_div", 0.0) <= min_divergence
@@ -507,7 +567,7 @@ def symmetry_check(model: nn.Module, run: ProbeRun | None, scale: int, *, expert
                 r["fails"], r["breaks_at_step_2"] = False, True
                 excused.append(r)
 
-    exchangeable = exchangeable_clones(rows, min_divergence)
+    exchangeable = exchangeable_clones(rows, min_divergence) + experts
     stuck_spaces = defaultdict(list)
     for e in exchangeable:
         stuck_spaces[e["layer"]].append(f"{e['space']} {e['clones'][0]}-{e['clones'][1]}")
@@ -559,6 +619,18 @@ def symmetry_check(model: nn.Module, run: ProbeRun | None, scale: int, *, expert
             "gets the noisy layers' asymmetric gradients, so they diverge from step 2 (status 'ok (step 2)')"
         )
         figures["breaks_at_step_2"] = len(excused)
+    if experts and not failing and len(experts) == len(exchangeable):
+        cause = (
+            "the router cannot tell them apart: "
+            + _describe_exchangeable(experts)
+            + " have equal router rows and equal weights (router_init='zero', or duplicated rows, over "
+            "experts that are still copies), so they get equal logits for every token and can train as one"
+        )
+        layers = sorted({e["layer"] for e in experts}, key=str)
+        summary = f"{len(experts)} pairs of experts are exchangeable (equal router rows and weights)"
+        return CheckResult(NAME, TITLE, FAILED, summary, min_divergence, RULE, figures, table, columns,
+                           diagnosis="experts_exchangeable", cause=cause, where=", ".join(map(str, layers)),
+                           notes=notes, details=rows)
     if exchangeable and not failing:
         cause = (
             "noise_std too small, or noise that repeats across clones: "
