@@ -187,3 +187,15 @@ def test_train_what_growth_added_counts_every_redrawn_expert_as_new():
             if ".experts." in name:
                 assert m is True or bool(torch.as_tensor(m).all()), name
         assert mask["layers.0.attn.q_proj.weight"] is not True  # the rest keeps its old entries
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_statistics_in_chunks_equal_the_whole_tensor_ones(dtype):
+    from growkit.growth.moe import _mean_std
+
+    t = (torch.randn(37, 53, generator=torch.Generator().manual_seed(0)) * 3 + 2).to(dtype)
+    want = (t.double().mean().item(), t.double().std().item())
+    for chunk in (7, 100, 1 << 22):  # ragged last chunk, several, one
+        mean, std = _mean_std(t, chunk=chunk)
+        assert mean == pytest.approx(want[0], rel=1e-12) and std == pytest.approx(want[1], rel=1e-12)
+    assert _mean_std(torch.ones(1)) == (1.0, 0.0)
