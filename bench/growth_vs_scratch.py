@@ -52,6 +52,7 @@ import json
 import math
 import multiprocessing
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -374,18 +375,37 @@ PIPELINE_RUN_KEYS = frozenset({"seed", "curve", "final_val_loss", "flops", "phas
                                "post_growth_spike", "growth_flops"})
 
 
+def _same_settings(cfg: TrainConfig) -> bool:
+    """Whether ``cfg.run_dir`` holds a run (its ``config.json``) of these settings."""
+    try:
+        stored = json.loads((Path(cfg.run_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    want = cfg.to_dict()
+    return isinstance(stored, dict) and all(stored.get(k) == want[k] for k in want if k not in RUN_ONLY_FIELDS)
+
+
 def finished_run(cfg: TrainConfig) -> dict | None:
     """The summary of a completed run of these settings in ``cfg.run_dir``, else None
     (a comparison cut short picks up its finished runs when given the same ``--out``)."""
-    run_dir = Path(cfg.run_dir)
     try:
-        summary = json.loads((run_dir / "summary.json").read_text())
-        stored = json.loads((run_dir / "config.json").read_text())
+        summary = json.loads((Path(cfg.run_dir) / "summary.json").read_text())
     except (OSError, ValueError):
         return None
-    want = cfg.to_dict()
-    same = all(stored.get(k) == want[k] for k in want if k not in RUN_ONLY_FIELDS)
-    return summary if same and summary.get("status") == "completed" else None
+    return summary if _same_settings(cfg) and summary.get("status") == "completed" else None
+
+
+def clear_unfinished_run(cfg: TrainConfig) -> bool:
+    """Removes ``cfg.run_dir`` when it holds an unfinished run of these settings (a
+    comparison killed mid-run leaves one: the pipeline would refuse the folder, and the
+    rerun would fail that arm); the run starts over, to the same bits. A folder of other
+    settings, or no run at all, is left alone (the pipeline then says why it cannot write
+    there). Returns whether it removed one."""
+    run_dir = Path(cfg.run_dir)
+    if not run_dir.is_dir() or finished_run(cfg) is not None or not _same_settings(cfg):
+        return False
+    shutil.rmtree(run_dir)
+    return True
 
 
 def run_pipeline(cfg: TrainConfig, label: str, must_pass: bool = True) -> tuple[dict, dict]:
@@ -395,6 +415,8 @@ def run_pipeline(cfg: TrainConfig, label: str, must_pass: bool = True) -> tuple[
     print(f"\n=== seed {cfg.seed}: {label} ===", flush=True)
     summary = finished_run(cfg)
     if summary is None:
+        if clear_unfinished_run(cfg):
+            print(f"{label}: starting over the unfinished run in {cfg.run_dir}", flush=True)
         code = run(cfg)
         if code != 0:
             if must_pass:

@@ -388,3 +388,35 @@ def test_pool_workers_end_with_a_killed_comparison(tmp_path):
                     os.kill(int(p.read_text()), signal.SIGKILL)
                 except ProcessLookupError:
                     pass
+
+
+def test_a_killed_run_folder_starts_over_and_a_foreign_one_is_left_alone(tmp_path):
+    """Rerunning a comparison with the same --out: a finished run is reused, an unfinished
+    run of the same settings (what a kill leaves) is removed so that it can start over, and
+    a folder of other settings or no run at all is never touched."""
+    from growth_vs_scratch import clear_unfinished_run, finished_run
+
+    cfg = preset_config("tiny", run_dir=str(tmp_path / "run"), threads=1)
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict()))
+    (run_dir / "metrics.jsonl").write_text("")  # killed before its summary
+    assert finished_run(cfg) is None
+    assert clear_unfinished_run(cfg) and not run_dir.exists()
+
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict()))
+    (run_dir / "summary.json").write_text(json.dumps({"status": "completed", "flops": 1.0}))
+    assert finished_run(cfg) == {"status": "completed", "flops": 1.0}
+    assert not clear_unfinished_run(cfg) and run_dir.exists()  # finished: reused, kept
+    # the settings that only say where a run writes or shows progress may differ
+    assert finished_run(preset_config("tiny", run_dir=str(run_dir), threads=2)) is not None
+
+    other = preset_config("tiny", run_dir=str(run_dir), noise_std=1e-3)
+    (run_dir / "summary.json").unlink()
+    assert not clear_unfinished_run(other) and (run_dir / "config.json").exists()
+    (run_dir / "config.json").unlink()  # a folder without a run: not the comparison's
+    (run_dir / "notes.txt").write_text("mine")
+    assert not clear_unfinished_run(cfg) and (run_dir / "notes.txt").exists()
+    (run_dir / "config.json").write_text("[1, 2]")  # not a config at all
+    assert not clear_unfinished_run(cfg) and (run_dir / "notes.txt").exists()
