@@ -410,7 +410,7 @@ def plan_moe(adapter, target, config, specs: dict[str, TensorSpec], tied: bool, 
         notes.append("zero router: all logits equal, so torch.topk's tie-breaking sends every token to the same "
                      f"{top_k} experts until the load-balancing loss separates them")
     if expert_reinit > 0:
-        notes.append(f"Drop-Upcycling: {expert_reinit:g} of each expert's FFN units re-drawn from the dense "
+        notes.append(f"Drop-Upcycling: {100 * expert_reinit:g}% of each expert's FFN units re-drawn from the dense "
                      "weights' mean and std, a different set per expert (not function-preserving by design)")
     settings = dict(n_experts=n_experts, top_k=top_k, router_std=router_std, expert_noise_std=expert_noise_std,
                     expert_reinit=expert_reinit, seed=seed, norm_topk_prob=norm_topk_prob, family=target.name, router_init=router_init,

@@ -585,7 +585,7 @@ class Trainer:
                     growth.upcycle_to_moe(old, cfg.n_experts, cfg.top_k, seed=cfg.seed, router_init=cfg.router_init,
                                           calibration=self._calibration(), expert_reinit=cfg.expert_reinit),
                     {"expert_reinit": cfg.expert_reinit},
-                    f"{cfg.expert_reinit:g} of each expert's FFN units re-drawn (Drop-Upcycling)")
+                    f"{100 * cfg.expert_reinit:g}% of each expert's FFN units re-drawn (Drop-Upcycling)")
         return None
 
     def _calibration(self) -> torch.Tensor | None:
