@@ -282,6 +282,42 @@ def test_layerwise_verdicts_equal_the_in_memory_ones(tmp_path, family, args):
                 assert a["figures"][key] == b["figures"][key], (a["name"], key)
 
 
+@pytest.mark.parametrize("family,args", [("mixtral", ["--width", "2"]), ("qwen2", ["--moe", "4"])])
+def test_layerwise_weights_no_module_loaded_are_read_from_disk(tmp_path, monkeypatch, family, args):
+    """A parameter no module loaded in the layer's pass (an expert no token reached) is
+    measured from the checkpoint: forgetting every loaded weight, so that all of them come
+    from disk (fused gate_up parts included), gives the in-memory symmetry figures."""
+    from growkit.verify import layerwise
+
+    m = tiny_model(family)
+    src = _save(m, tmp_path / "src")
+    dst = tmp_path / "dst"
+    assert main(["grow", str(src), str(dst), *args, "--no-progress"]) == 0
+    scale = [] if "--width" in args else ["--scale", "1"]
+
+    def symmetry(mode):
+        path = tmp_path / f"{mode}.json"
+        main(["verify", str(src), str(dst), "--seq-len", "16", "--json", str(path), *scale]
+             + (["--layerwise"] if mode == "layerwise" else []))
+        return next(c for c in json.loads(path.read_text())["checks"] if c["name"] == "symmetry_breaking")
+
+    memory = symmetry("memory")
+    real = layerwise._LayerBackward.loaded
+    read = []
+
+    def forgetful(self, name, p):
+        real(self, name, p)
+        read.extend(self.weights)
+        self.weights.clear()
+
+    monkeypatch.setattr(layerwise._LayerBackward, "loaded", forgetful)
+    disk = symmetry("layerwise")
+    assert read, "no layer weight went through the disk path"
+    assert disk["status"] == memory["status"] == "PASSED"
+    for key in ("tensors_judged", "min_weight_rel_div", "max_weight_rel_div", "least_diverged"):
+        assert disk["figures"][key] == memory["figures"][key], key
+
+
 # --------------------------------------------------------------------------- partial upcycling, router inits
 @pytest.mark.parametrize("moe_layers,router_init,mlp_only", [
     ("every:2", "orthogonal", [0, 2, 4]),

@@ -609,21 +609,13 @@ class _LayerBackward:
             off.unload_layer(self.index)
 
     def rows(self) -> list[dict]:
-        off, adapter, model = self.off, self.off.adapter, self.off.model
+        model = self.off.model
         # a parameter no module loaded (an expert no token reached): measured from disk
-        missing: dict[str, list[str]] = {}
-        for role in self.axes:
+        disk = _disk_roles(self.off)
+        for role in self.axes:  # the parts of a fused parameter come together: one read
             if role not in self.weights:
-                m = PART.match(role)
-                missing.setdefault(m.group(1) if m else role, []).append(role)
-        for name, roles in missing.items():
-            if name not in off.held_of:
-                raise ValueError(f"the checkpoint lacks {name!r}")
-            w = off._load(off.held_of[name])[name]
-            for role, part in adapter.split(model, {name: w}).items():
-                if role in roles:
-                    self.weights[role] = symmetry._twin_sums([part], self.axes[role])[0]
-            del w
+                self.weights[role] = symmetry._twin_sums([disk(role)], self.axes[role])[0]
+        del disk
         grads = dict(self.grads)
         for lin in self.streamed.values():
             grads.update(lin.grad_sources())
@@ -772,6 +764,8 @@ def _disk_roles(off: OffloadedModel):
         name = m.group(1) if m else role
         if name not in held:
             held.clear()
+            if name not in off.held_of:
+                raise ValueError(f"the checkpoint lacks {name!r}")
             w = off._load(off.held_of[name])[name]
             held[name] = off.adapter.split(off.model, {name: w})
         return held[name][role]

@@ -455,7 +455,7 @@ def exchangeable_experts(model: nn.Module, get, min_divergence: float) -> list[d
         elif pr.rule.dims[:1] == ("experts",):
             layers[pr.layer][1].append(name)
     found = []
-    for layer in sorted(layers, key=lambda x: (x is None, x if x is not None else 0)):
+    for layer in sorted(layers):  # an MoE layer's tensors are a layer's: never None
         router, experts = layers[layer]
         if router is None or not experts:
             continue
