@@ -23,7 +23,7 @@ spends):
 every seed against the same (b) and (c): when to grow (``phase1.steps``), the learning
 rate and warmup after growth (``phase3.lr``, ``phase3.warmup_frac``), the schedule
 before it (``phase1.min_lr_ratio=1``: no decay before the growth), ``noise_std``,
-``reset_optimizer``, ``depth_mode`` (``identity`` or ``stack``: G_stack layers, damped by
+``expert_reinit`` (Drop-Upcycling at the upcycling), ``reset_optimizer``, ``depth_mode`` (``identity`` or ``stack``: G_stack layers, damped by
 ``stack_scale``), a smaller
 source with larger growth factors (``d_model``, ``n_heads``, ``d_ff``, ``scale_factor``,
 ``n_layers``, ``extra_layers``, as long as the grown model is still (b)'s architecture)...
