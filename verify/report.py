@@ -122,6 +122,17 @@ _DIAGNOSES = [
         "and regrow",
     ),
     Diagnosis(
+        "noise_amplified",
+        "layer outputs drift from the tiled source, more with depth, though every tensor is "
+        "the source tiled plus the recorded zero-sum noise, and the same model with that "
+        "noise averaged out matches the source",
+        "a zero-sum noise too large for this width and depth: it cancels only in exact "
+        "arithmetic, and each projection multiplies the rounding differences between clones "
+        "by its noise (a gain of about noise_std * sqrt(fan_in)), so they grow layer by layer",
+        "regrow with a smaller noise_std (a few times smaller; the growth is exact in "
+        "mathematics, so no tensor needs fixing)",
+    ),
+    Diagnosis(
         "embedding_not_tiled",
         "the embedding output differs from the tiled source embedding",
         "the token embedding was not tiled along d_model (or was divided by s: it has no "
