@@ -37,10 +37,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from growkit.growth.adapters import PART, get_family_adapter
+from growkit.growth.roles import ROLE_RULES, WIDENED_DIMS
 from growkit.growth.stream import CheckpointReader
 from growkit.kernels.memory import release_freed_memory
 
-from . import symmetry
+from . import noise, symmetry
 from .api import _meta
 from .context import Comparison
 from .identity import identity_check
@@ -92,6 +93,10 @@ class OffloadedModel:
     def __init__(self, directory, device: str | torch.device = "cpu") -> None:
         from transformers import AutoModelForCausalLM
 
+        # set: every tensor with zero-sum clone noise is loaded with it averaged out, and the
+        # std of what was removed is kept by name (verify/noise.py)
+        self.denoise_scale: int | None = None
+        self.deviations: dict[str, float] = {}
         self.reader = CheckpointReader(directory, device=device)
         self.device = torch.device(device)
         config = self.reader.config
@@ -131,7 +136,19 @@ class OffloadedModel:
 
     # ------------------------------------------------------------------ loading
     def _load(self, names: list[str]) -> dict[str, torch.Tensor]:
-        return self.adapter.fuse({name: self.reader.load_held(self.index[name]) for name in names})
+        state = self.adapter.fuse({name: self.reader.load_held(self.index[name]) for name in names})
+        if self.denoise_scale:
+            state = {name: self._denoised(name, t) for name, t in state.items()}
+        return state
+
+    def _denoised(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        s = self.denoise_scale
+        rules = [ROLE_RULES[pr.role] for pr in self.adapter.roles_for_names([name]).values()]
+        if not rules or t.shape[-1] % s or not all(
+                r.noise and r.input_dim is not None and r.dims[r.input_dim] in WIDENED_DIMS for r in rules):
+            return t
+        quiet, self.deviations[name] = noise.denoise_tensor(t, s)
+        return quiet
 
     def _real_buffers(self, config, dtype) -> dict[str, torch.Tensor]:
         """The non-persistent buffers (RoPE frequencies, embedding scales) of this config, from
@@ -773,6 +790,24 @@ def _disk_roles(off: OffloadedModel):
     return get
 
 
+def _denoised_identity(src, dst, probe, records, device, scale_factor, tolerance, scale: int):
+    """explain_noise's measurement, layerwise: the clone deviations of every noisy tensor of
+    DST and the functional-identity check with them averaged out (a second forward pass of
+    both checkpoints, run only when a check failed)."""
+    old, quiet = OffloadedModel(src, device), OffloadedModel(dst, device)
+    try:
+        quiet.denoise_scale = scale
+        if records is not None:  # the noise is gone: only the depth records (the layer pairing)
+            quiet.model.growth_records = [r for r in records if r.op != "width"]
+        ctx = Comparison(old.model, quiet.model, probe, scale_factor=scale_factor, tolerance=tolerance)
+        ctx.old_run()
+        ctx.new_run(backward=False)
+        return quiet.deviations, identity_check(ctx)
+    finally:
+        old.close()
+        quiet.close()
+
+
 def run_growth_checks_layerwise(src, dst, probe: torch.Tensor, records=None, *, device: str = "cpu",
                                 scale_factor: int | None = None, tolerance: float | None = None,
                                 min_divergence: float = 1e-6) -> GrowthReport:
@@ -810,6 +845,8 @@ def run_growth_checks_layerwise(src, dst, probe: torch.Tensor, records=None, *, 
                                       min_divergence, symmetry.RULE))
         else:
             checks.append(layerwise_symmetry(new, probe, scale, expert_twins, min_divergence))
+        noise.explain_noise(checks + [identity], new.model, lambda s: _denoised_identity(
+            src, dst, probe, records, device, scale_factor, tolerance, s))
         checks.append(identity)
         checks.append(quick_sanity_check(new.model, probe))
         seconds["total"] = time.perf_counter() - t0

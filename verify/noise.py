@@ -29,8 +29,10 @@ diagnosis, the grown model carries a zero-sum width record with noise, and
    blocks' mean, which for zero-sum noise is W/s) passes functional identity,
 
 then the failures are re-labelled ``noise_amplified``, with both figures in the cause.
-Otherwise the diagnosis stands. It costs nothing unless a check failed (then one copy of
-the grown model and one forward pass of it).
+Otherwise the diagnosis stands. It costs nothing unless a check failed; then, in memory,
+one copy of the grown model and one forward pass of it, and layerwise
+(``verify/layerwise.py``) a second forward pass of both checkpoints, each noisy tensor
+averaged as it loads.
 """
 
 from __future__ import annotations
@@ -81,47 +83,48 @@ def noisy_blocks(model: nn.Module, scale: int):
 def clone_deviation_std(model: nn.Module, scale: int) -> dict[str, float]:
     """Per noisy tensor: the std of (input block - mean of the input blocks), scaled to
     the noise's std (for s blocks of i.i.d. zero-sum noise, std(dev) = std(noise))."""
-    out = {}
-    for name, _, blocks in noisy_blocks(model, scale):
-        b = blocks.float()
-        dev = b - b.mean(dim=-2, keepdim=True)
-        out[name] = float(dev.pow(2).mean().sqrt())
-    return out
+    return {name: denoise_tensor(t, scale)[1] for name, t, _ in noisy_blocks(model, scale)}
 
 
 @torch.no_grad()
 def denoised_copy(model: nn.Module, scale: int) -> nn.Module:
     """A copy of ``model`` with every noisy tensor's input blocks replaced by their mean."""
     quiet = copy.deepcopy(model)
-    for _, t, blocks in noisy_blocks(quiet, scale):
-        mean = blocks.float().mean(dim=-2, keepdim=True).expand_as(blocks)
-        t.copy_(mean.reshape(t.shape).to(t.dtype))
+    for _, t, _ in noisy_blocks(quiet, scale):
+        t.copy_(denoise_tensor(t, scale)[0])
     if getattr(quiet, "growth_records", None):
         # its noise is gone: no record says otherwise (and explain_noise never recurses)
         quiet.growth_records = [r for r in quiet.growth_records if r.op != "width"]
     return quiet
 
 
-def explain_noise(results: list[CheckResult], old: nn.Module, new: nn.Module, run_identity) -> None:
+def denoise_tensor(t: torch.Tensor, scale: int) -> tuple[torch.Tensor, float]:
+    """(``t`` with its input blocks replaced by their mean, the std of the deviations)."""
+    blocks = t.float().unflatten(-1, (scale, t.shape[-1] // scale))
+    mean = blocks.mean(dim=-2, keepdim=True)
+    dev = float((blocks - mean).pow(2).mean().sqrt())
+    return mean.expand_as(blocks).reshape(t.shape).to(t.dtype), dev
+
+
+def explain_noise(results: list[CheckResult], new: nn.Module, measure) -> None:
     """Re-label ``results``' tiling-bug failures ``noise_amplified`` where measured so.
 
-    ``run_identity(model)`` runs the functional-identity check of ``old`` against ``model``
-    with the settings of the failed run and returns its :class:`CheckResult`.
+    ``measure(scale)`` returns (per noisy tensor: the std of its clone deviations, the
+    functional-identity :class:`CheckResult` of the source against ``new`` with them averaged
+    out); it runs only when a failure could be the noise's.
     """
     failing = [r for r in results if r.status == FAILED and r.diagnosis in IMITATED]
     noise = recorded_noise(new)
     if not failing or noise is None:
         return
     std, scale = noise
+    deviations, quiet = measure(scale)
     # tensors with equal clones carry no noise (an identity layer's zeroed writers): skipped
-    devs = [v for v in clone_deviation_std(new, scale).values() if v > std * 1e-3]
+    devs = [v for v in deviations.values() if v > std * 1e-3]
     if not devs:
         return
     lo, hi = min(devs), max(devs)
-    if not (std / STD_FACTOR <= lo and hi <= std * STD_FACTOR):
-        return
-    quiet = run_identity(denoised_copy(new, scale))
-    if quiet.status == FAILED:
+    if not (std / STD_FACTOR <= lo and hi <= std * STD_FACTOR) or quiet.status == FAILED:
         return
     d_model = get_adapter(new, "verification").cfg(new, "d_model")
     gain = std * math.sqrt(d_model) if d_model else float("nan")
