@@ -148,7 +148,11 @@ def test_dicts_round_trip_and_old_flat_configs_load():
     cfg = preset_config("small", steps_phase1=10, phase2={"lr": 1e-4})
     assert (cfg.phase1.steps, cfg.phase2.lr, cfg.phase2.steps) == (10, 1e-4, 1000)
     assert TrainConfig.from_dict(json.loads(cfg.to_json_str())) == cfg
-    # The flat config.json of a run made before the phases were nested.
+    # The flat config.json of a run made before the phases were nested (and before a phase
+    # had its own cosine floor, which the preset now sets).
+    assert cfg.phase1.min_lr_ratio == 1.0
+    cfg = preset_config("small", steps_phase1=10, phase2={"lr": 1e-4},
+                        **{f"{p}.min_lr_ratio": None for p in ("phase1", "phase2", "phase3")})
     old = {k: v for k, v in flatten_config(cfg.to_dict()).items() if "." not in k}
     old.update({legacy: flatten_config(cfg.to_dict())[new] for legacy, new in LEGACY_KEYS.items()})
     assert TrainConfig.from_dict(old) == cfg
