@@ -101,6 +101,13 @@ class RoleRule:
     noise: bool = True
     expert_role: Role | None = None
 
+    @property
+    def zero_sum_noise(self) -> bool:
+        """Whether width growth gives this tensor zero-sum noise across its input blocks: a
+        linear map (every input dim in the table widens) whose role takes noise (see
+        tiling.tile_for_role)."""
+        return self.noise and self.input_dim is not None
+
     def repeats(self, scale: int) -> tuple[int, ...]:
         """The tiling factor of each dim under width growth by ``scale``."""
         return tuple(scale if kind in WIDENED_DIMS else 1 for kind in self.dims)

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from growkit.growth.adapters import PART, get_family_adapter
-from growkit.growth.roles import ROLE_RULES, WIDENED_DIMS
+from growkit.growth.roles import ROLE_RULES
 from growkit.growth.stream import CheckpointReader
 from growkit.kernels.memory import release_freed_memory
 
@@ -143,9 +143,8 @@ class OffloadedModel:
 
     def _denoised(self, name: str, t: torch.Tensor) -> torch.Tensor:
         s = self.denoise_scale
-        rules = [ROLE_RULES[pr.role] for pr in self.adapter.roles_for_names([name]).values()]
-        if not rules or t.shape[-1] % s or not all(
-                r.noise and r.input_dim is not None and r.dims[r.input_dim] in WIDENED_DIMS for r in rules):
+        roles = self.adapter.roles_for_names([name]).values()  # a fused tensor: all its parts
+        if not roles or t.shape[-1] % s or not all(ROLE_RULES[pr.role].zero_sum_noise for pr in roles):
             return t
         quiet, self.deviations[name] = noise.denoise_tensor(t, s)
         return quiet
@@ -797,8 +796,8 @@ def _denoised_identity(src, dst, probe, records, device, scale_factor, tolerance
     old, quiet = OffloadedModel(src, device), OffloadedModel(dst, device)
     try:
         quiet.denoise_scale = scale
-        if records is not None:  # the noise is gone: only the depth records (the layer pairing)
-            quiet.model.growth_records = [r for r in records if r.op != "width"]
+        if records is not None:
+            quiet.model.growth_records = noise.without_noise_record(records)
         ctx = Comparison(old.model, quiet.model, probe, scale_factor=scale_factor, tolerance=tolerance)
         ctx.old_run()
         ctx.new_run(backward=False)

@@ -153,7 +153,7 @@ class GrowthMonitor:
         named = dict(model.named_parameters())
         groups: dict[tuple, dict] = {}
         for name, pr in roles.items():
-            if not (pr.rule.noise and pr.rule.input_dim is not None):
+            if not pr.rule.zero_sum_noise:
                 continue
             part = PART.match(name)
             param = part.group(1) if part else name

@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from growkit.growth.adapters import get_adapter
-from growkit.growth.roles import ROLE_RULES, WIDENED_DIMS
+from growkit.growth.roles import ROLE_RULES
 
 from .report import FAILED, TROUBLESHOOTING, CheckResult
 
@@ -70,19 +70,16 @@ def noisy_blocks(model: nn.Module, scale: int):
     adapter = get_adapter(model, "verification")
     params = adapter.role_params(model)
     for name, pr in adapter.param_roles(model).items():
-        rule = ROLE_RULES[pr.role]
         t = params.get(name)
-        if t is None or not rule.noise or rule.input_dim is None or rule.dims[rule.input_dim] not in WIDENED_DIMS:
-            continue
-        if t.shape[-1] % scale:
+        if t is None or not ROLE_RULES[pr.role].zero_sum_noise or t.shape[-1] % scale:
             continue
         yield name, t, t.unflatten(-1, (scale, t.shape[-1] // scale))
 
 
 @torch.no_grad()
 def clone_deviation_std(model: nn.Module, scale: int) -> dict[str, float]:
-    """Per noisy tensor: the std of (input block - mean of the input blocks), scaled to
-    the noise's std (for s blocks of i.i.d. zero-sum noise, std(dev) = std(noise))."""
+    """Per noisy tensor: the std of (input block - mean of the input blocks); for zero-sum
+    noise that is the noise itself, so its std is the noise's."""
     return {name: denoise_tensor(t, scale)[1] for name, t, _ in noisy_blocks(model, scale)}
 
 
@@ -93,9 +90,15 @@ def denoised_copy(model: nn.Module, scale: int) -> nn.Module:
     for _, t, _ in noisy_blocks(quiet, scale):
         t.copy_(denoise_tensor(t, scale)[0])
     if getattr(quiet, "growth_records", None):
-        # its noise is gone: no record says otherwise (and explain_noise never recurses)
-        quiet.growth_records = [r for r in quiet.growth_records if r.op != "width"]
+        quiet.growth_records = without_noise_record(quiet.growth_records)
     return quiet
+
+
+def without_noise_record(records: list) -> list:
+    """The records of a model whose clone noise was averaged out: the width record goes (no
+    record then says there is noise, so explain_noise never recurses), the depth records,
+    which pair the layers, stay."""
+    return [r for r in records if r.op != "width"]
 
 
 def denoise_tensor(t: torch.Tensor, scale: int) -> tuple[torch.Tensor, float]:

@@ -113,7 +113,7 @@ def _items(model: nn.Module, scale: int, expert_twins: bool):
                     f"{name} has size {shape[d]} along its {rule.dims[d]} dim, not {g} equal blocks: "
                     f"is the scale ({scale}) right?"
                 )
-        judged = rule.noise and rule.input_dim is not None
+        judged = rule.zero_sum_noise
         swaps = _swaps(rule.dims, axes, scale) if judged and scale >= 2 else {}
         out.append((name, pr, TwinAxes(axes, swaps, scale), judged))
     return out
