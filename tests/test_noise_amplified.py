@@ -160,10 +160,53 @@ def test_checkpoints_in_memory_and_layerwise_say_the_same(tmp_path, family):
         assert fi["figures"]["denoised_functional_identity"] == PASSED
         lo, hi = fi["figures"]["clone_deviation_std"]
         assert 0.5 * LOUD < lo <= hi < 2 * LOUD
-    weights = load_file(dst / "model.safetensors")
+    clean = load_file(dst / "model.safetensors")
+
+    def planted(name, change):
+        weights = dict(clean)
+        weights[name] = change(weights[name])
+        save_file(weights, dst / "model.safetensors", metadata={"format": "pt"})
+        for extra in ([], ["--layerwise"]):
+            rc, checks = verify(dst, *extra)
+            assert rc == 1 and checks["functional_identity"]["diagnosis"] == "weight_expansion_bug", (name, extra)
+
     name = "model.layers.0.self_attn.v_proj.weight"
-    weights[name] = weights[name] + m.state_dict()[name].repeat(2, 2) / 2  # a missing 1/s
-    save_file(weights, dst / "model.safetensors", metadata={"format": "pt"})
-    for extra in ([], ["--layerwise"]):
-        rc, checks = verify(dst, *extra)
-        assert rc == 1 and checks["functional_identity"]["diagnosis"] == "weight_expansion_bug", extra
+    planted(name, lambda w: w + m.state_dict()[name].repeat(2, 2) / 2)  # a missing 1/s
+
+    def head_too_noisy(w):
+        """Zero-sum deviations 10x the recorded noise on the LM head, which --layerwise reads in
+        chunks of rows (its own loader): they must be measured there too."""
+        extra = 10 * LOUD * torch.randn(w.shape[0], w.shape[1] // 2, generator=torch.Generator().manual_seed(5))
+        return w + torch.cat([extra, -extra], dim=1)
+
+    planted("lm_head.weight", head_too_noisy)
+
+
+def test_layerwise_head_read_in_chunks_is_denoised_whole(tmp_path, monkeypatch):
+    """--layerwise reads the LM head in chunks of rows: averaged out chunk by chunk, its logits
+    and its deviation std are those of the whole tensor denoised at once."""
+    from growkit.cli import main
+    from growkit.verify import layerwise
+    from growkit.verify.noise import denoise_tensor
+    from hf_zoo import tiny_model
+    from safetensors.torch import load_file
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    tiny_model("llama").save_pretrained(src)
+    assert main(["grow", str(src), str(dst), "--width", "2", "--noise-std", str(LOUD), "--no-progress"]) == 0
+    w = load_file(dst / "model.safetensors")["lm_head.weight"]
+    monkeypatch.setitem(layerwise.READ_CHUNK_BYTES, "cpu", 7 * w.shape[1] * w.element_size())  # 7 rows
+    off = layerwise.OffloadedModel(dst)
+    try:
+        head = off.disk_head
+        assert len(head.chunks) > 2 and head.chunks[-1][1] - head.chunks[-1][0] < 7  # a partial last one
+        off.denoise_scale = 2
+        x = torch.randn(3, w.shape[1], generator=torch.Generator().manual_seed(0))
+        quiet, std = denoise_tensor(w, 2)
+        torch.testing.assert_close(head.logits(x, None), torch.nn.functional.linear(x, quiet))
+        assert off.deviations["lm_head.weight"] == pytest.approx(std, rel=1e-5)
+        head.logits(x, None)  # the rows read again: the same figure
+        assert off.deviations["lm_head.weight"] == pytest.approx(std, rel=1e-5)
+        assert 0.5 * LOUD < std < 2 * LOUD
+    finally:
+        off.close()

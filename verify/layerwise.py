@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import warnings
 
 import torch
@@ -94,9 +95,10 @@ class OffloadedModel:
         from transformers import AutoModelForCausalLM
 
         # set: every tensor with zero-sum clone noise is loaded with it averaged out, and the
-        # std of what was removed is kept by name (verify/noise.py)
+        # std of what was removed is kept by name (verify/noise.py, :attr:`deviations`)
         self.denoise_scale: int | None = None
-        self.deviations: dict[str, float] = {}
+        # name -> rows read (None: all) -> (sum of squared deviations, their count)
+        self._removed: dict[str, dict[tuple[int, int] | None, tuple[float, int]]] = {}
         self.reader = CheckpointReader(directory, device=device)
         self.device = torch.device(device)
         config = self.reader.config
@@ -141,13 +143,23 @@ class OffloadedModel:
             state = {name: self._denoised(name, t) for name, t in state.items()}
         return state
 
-    def _denoised(self, name: str, t: torch.Tensor) -> torch.Tensor:
+    def _denoised(self, name: str, t: torch.Tensor, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """``t`` (rows ``rows`` of the tensor ``name``, or all of it) with its zero-sum clone
+        noise averaged out; ``t`` itself where its role takes none."""
         s = self.denoise_scale
         roles = self.adapter.roles_for_names([name]).values()  # a fused tensor: all its parts
         if not roles or t.shape[-1] % s or not all(ROLE_RULES[pr.role].zero_sum_noise for pr in roles):
             return t
-        quiet, self.deviations[name] = noise.denoise_tensor(t, s)
+        quiet, std = noise.denoise_tensor(t, s)
+        self._removed.setdefault(name, {})[rows] = (std * std * t.numel(), t.numel())
         return quiet
+
+    @property
+    def deviations(self) -> dict[str, float]:
+        """Per tensor loaded denoised: the std of the clone deviations removed from it (over
+        the rows read, for the LM head read in chunks)."""
+        return {name: math.sqrt(sum(q for q, _ in parts.values()) / sum(n for _, n in parts.values()))
+                for name, parts in self._removed.items()}
 
     def _real_buffers(self, config, dtype) -> dict[str, torch.Tensor]:
         """The non-persistent buffers (RoPE frequencies, embedding scales) of this config, from
@@ -392,7 +404,8 @@ class _DiskHead:
         module.forward = self.forward  # an instance attribute: the module's hooks still run
 
     def rows(self, a: int, b: int) -> torch.Tensor:
-        return self.off.reader.get_rows(self.disk, a, b)
+        t = self.off.reader.get_rows(self.disk, a, b)
+        return self.off._denoised(self.name, t, (a, b)) if self.off.denoise_scale else t
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _DiskHeadFunction.apply(x, self.module.bias, self)
