@@ -84,6 +84,33 @@ def test_loud_noise_is_diagnosed_as_such(source, extra_layers):
     assert run_growth_checks(source, _grow(source, 1e-3), random_ids(), "cpu", scale_factor=2).passed
 
 
+def test_without_a_width_record_the_median_deviation_stands_in(source):
+    """A model widened elsewhere has no width record: its deviations' median takes the place of
+    the recorded noise_std. A width record that says there is no noise means every deviation
+    is a bug, so the same deviations then keep the tiling-bug diagnosis."""
+    new = _grow(source, LOUD)
+    new.growth_records = []
+    fi = run_growth_checks(source, new, random_ids(), "cpu", scale_factor=2)["functional_identity"]
+    assert fi.status == FAILED and fi.diagnosis == "noise_amplified", fi.diagnosis
+    assert "no width record" in fi.cause and fi.figures["denoised_functional_identity"] == PASSED
+    with torch.no_grad():  # one tensor with 10x the others' deviations: not one noise
+        w = new.layers[1].attn.k_proj.weight
+        extra = 10 * LOUD * torch.randn(w.shape[0], w.shape[1] // 2, generator=torch.Generator().manual_seed(3))
+        w[:, : w.shape[1] // 2] += extra
+        w[:, w.shape[1] // 2:] -= extra
+    fi = run_growth_checks(source, new, random_ids(), "cpu", scale_factor=2)["functional_identity"]
+    assert fi.status == FAILED and fi.diagnosis == "weight_expansion_bug", fi.diagnosis
+
+    quiet = _grow(source, 0.0)  # recorded: no noise
+    loud = _grow(source, LOUD)
+    with torch.no_grad():
+        for (_, t, _), (_, t_loud, _) in zip(noisy_blocks(quiet, 2), noisy_blocks(loud, 2)):
+            t.copy_(t_loud)
+    assert recorded_noise(quiet) is None and any(r.op == "width" for r in quiet.growth_records)
+    fi = run_growth_checks(source, quiet, random_ids(), "cpu", scale_factor=2)["functional_identity"]
+    assert fi.status == FAILED and fi.diagnosis == "weight_expansion_bug", fi.diagnosis
+
+
 def test_a_tiling_bug_under_loud_noise_keeps_its_diagnosis(source):
     """A missing 1/s (every clone block holds W/2 too much): the noise is the recorded one,
     but the model with it averaged out still fails."""
@@ -133,10 +160,13 @@ def test_zero_sum_deviations_other_than_the_recorded_noise_keep_the_diagnosis(so
     assert failed and all(c.diagnosis != "noise_amplified" for c in failed), [(c.name, c.diagnosis) for c in failed]
 
 
+@pytest.mark.parametrize("record", [True, False], ids=["growth.json", "no-record"])
 @pytest.mark.parametrize("family", ["llama", "mixtral"])  # plain; stacked experts, fused gate_up on disk
-def test_checkpoints_in_memory_and_layerwise_say_the_same(tmp_path, family):
+def test_checkpoints_in_memory_and_layerwise_say_the_same(tmp_path, family, record):
     """`growkit verify`, in memory or --layerwise (which reads every layer a second time, its
-    noise averaged out as it loads), names the loud noise; a planted missing 1/s stays a bug."""
+    noise averaged out as it loads), names the loud noise; a planted missing 1/s, or one tensor
+    with far more than the others' deviations, stays a bug. Without growth.json (a checkpoint
+    widened by another tool) the deviations' median stands in for the recorded noise_std."""
     import json
 
     from growkit.cli import main
@@ -147,6 +177,8 @@ def test_checkpoints_in_memory_and_layerwise_say_the_same(tmp_path, family):
     src, dst = tmp_path / "src", tmp_path / "dst"
     m.save_pretrained(src)
     assert main(["grow", str(src), str(dst), "--width", "2", "--noise-std", str(LOUD), "--no-progress"]) == 0
+    if not record:
+        (dst / "growth.json").unlink()
 
     def verify(path, *extra):
         out = tmp_path / "report.json"
@@ -160,6 +192,7 @@ def test_checkpoints_in_memory_and_layerwise_say_the_same(tmp_path, family):
         assert fi["figures"]["denoised_functional_identity"] == PASSED
         lo, hi = fi["figures"]["clone_deviation_std"]
         assert 0.5 * LOUD < lo <= hi < 2 * LOUD
+        assert ("no width record" in fi["cause"]) != record, fi["cause"]
     clean = load_file(dst / "model.safetensors")
 
     def planted(name, change):

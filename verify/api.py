@@ -21,6 +21,7 @@ from growkit.growth.adapters import get_adapter
 
 from .checks import GROWTH_CHECKS, select_checks
 from .context import DEFAULT_COLLAPSE_SHARE, DEFAULT_MIN_DIVERGENCE, Comparison, check_pair
+from .identity import identity_check
 from .noise import clone_deviation_std, denoised_copy, explain_noise
 from .report import CheckResult, GrowthReport
 from .state import check_device, on_device
@@ -121,9 +122,9 @@ def run_growth_checks(
             results.append(result)
         # A failure that too large a clone noise explains is told from a tiling bug here
         # (costs nothing unless a check failed): see verify/noise.py.
-        explain_noise(results, new_model, lambda s: (clone_deviation_std(new_model, s), _one_check(
-            "functional_identity", old_model, denoised_copy(new_model, s), ctx.probe, dev, scale_factor,
-            tolerance, min_divergence, collapse_share)))
+        explain_noise(results, new_model, lambda s: (clone_deviation_std(new_model, s), identity_check(
+            Comparison(old_model, denoised_copy(new_model, s), ctx.probe, scale_factor=scale_factor,
+                       tolerance=tolerance))), ctx.twin_scale)
         seconds["checks"] = sum(c.seconds for c in results)
         seconds["total"] = time.perf_counter() - t_start
         return GrowthReport("Growth verification", results, _meta(ctx, dev, seconds))

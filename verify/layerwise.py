@@ -858,7 +858,7 @@ def run_growth_checks_layerwise(src, dst, probe: torch.Tensor, records=None, *, 
         else:
             checks.append(layerwise_symmetry(new, probe, scale, expert_twins, min_divergence))
         noise.explain_noise(checks + [identity], new.model, lambda s: _denoised_identity(
-            src, dst, probe, records, device, scale_factor, tolerance, s))
+            src, dst, probe, records, device, scale_factor, tolerance, s), scale)
         checks.append(identity)
         checks.append(quick_sanity_check(new.model, probe))
         seconds["total"] = time.perf_counter() - t0

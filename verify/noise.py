@@ -29,7 +29,10 @@ diagnosis, the grown model carries a zero-sum width record with noise, and
    blocks' mean, which for zero-sum noise is W/s) passes functional identity,
 
 then the failures are re-labelled ``noise_amplified``, with both figures in the cause.
-Otherwise the diagnosis stands. It costs nothing unless a check failed; then, in memory,
+Otherwise the diagnosis stands. A model with no width record at all (widened by another tool,
+e.g. Apple's ml-hypercloning, which writes none) is measured the same way against the median
+of its deviations instead of a recorded std; a width record without zero-sum noise means any
+deviation is a bug, and is never measured. It costs nothing unless a check failed; then, in memory,
 one copy of the grown model and one forward pass of it, and layerwise
 (``verify/layerwise.py``) a second forward pass of both checkpoints, each noisy tensor
 averaged as it loads.
@@ -39,6 +42,7 @@ from __future__ import annotations
 
 import copy
 import math
+import statistics
 
 import torch
 from torch import nn
@@ -55,7 +59,7 @@ STD_FACTOR = 2.0
 
 def recorded_noise(model: nn.Module) -> tuple[float, int] | None:
     """(noise_std, scale) of the model's one zero-sum width growth with noise, else None."""
-    widths = [r for r in getattr(model, "growth_records", None) or [] if r.op == "width"]
+    widths = _width_records(model)
     if len(widths) != 1:
         return None
     s = widths[0].settings
@@ -63,6 +67,22 @@ def recorded_noise(model: nn.Module) -> tuple[float, int] | None:
     if s.get("noise") != "zero_sum" or std <= 0 or scale < 2:
         return None
     return std, scale
+
+
+def _width_records(model: nn.Module) -> list:
+    return [r for r in getattr(model, "growth_records", None) or [] if r.op == "width"]
+
+
+def noise_to_measure(model: nn.Module, width_scale: int) -> tuple[float | None, int] | None:
+    """(the std the clone deviations should have, scale): the recorded noise's; (None, scale)
+    for a model ``width_scale`` times wider with no width record (grown elsewhere: the std is
+    then the deviations' median); None where no noise can explain a failure."""
+    recorded = recorded_noise(model)
+    if recorded is not None:
+        return recorded
+    if _width_records(model) or width_scale < 2:
+        return None
+    return None, width_scale
 
 
 def noisy_blocks(model: nn.Module, scale: int):
@@ -95,9 +115,8 @@ def denoised_copy(model: nn.Module, scale: int) -> nn.Module:
 
 
 def without_noise_record(records: list) -> list:
-    """The records of a model whose clone noise was averaged out: the width record goes (no
-    record then says there is noise, so explain_noise never recurses), the depth records,
-    which pair the layers, stay."""
+    """The records of a model whose clone noise was averaged out: the width record goes (it
+    would say the model carries noise), the depth records, which pair the layers, stay."""
     return [r for r in records if r.op != "width"]
 
 
@@ -109,36 +128,42 @@ def denoise_tensor(t: torch.Tensor, scale: int) -> tuple[torch.Tensor, float]:
     return mean.expand_as(blocks).reshape(t.shape).to(t.dtype), dev
 
 
-def explain_noise(results: list[CheckResult], new: nn.Module, measure) -> None:
+def explain_noise(results: list[CheckResult], new: nn.Module, measure, width_scale: int) -> None:
     """Re-label ``results``' tiling-bug failures ``noise_amplified`` where measured so.
 
     ``measure(scale)`` returns (per noisy tensor: the std of its clone deviations, the
     functional-identity :class:`CheckResult` of the source against ``new`` with them averaged
-    out); it runs only when a failure could be the noise's.
+    out); it runs only when a failure could be the noise's. ``width_scale``: how many times
+    wider ``new`` is than the source (used where ``new`` has no width record).
     """
     failing = [r for r in results if r.status == FAILED and r.diagnosis in IMITATED]
-    noise = recorded_noise(new)
-    if not failing or noise is None:
+    noise = noise_to_measure(new, width_scale) if failing else None
+    if noise is None:
         return
     std, scale = noise
     deviations, quiet = measure(scale)
     # tensors with equal clones carry no noise (an identity layer's zeroed writers): skipped
-    devs = [v for v in deviations.values() if v > std * 1e-3]
+    floor = 1e-3 * (std if std is not None else max(deviations.values(), default=0.0))
+    devs = [v for v in deviations.values() if v > floor]
     if not devs:
         return
+    recorded = std is not None
+    std = std if recorded else float(statistics.median(devs))
     lo, hi = min(devs), max(devs)
     if not (std / STD_FACTOR <= lo and hi <= std * STD_FACTOR) or quiet.status == FAILED:
         return
     d_model = get_adapter(new, "verification").cfg(new, "d_model")
     gain = std * math.sqrt(d_model) if d_model else float("nan")
+    which = (f"noise_std {std:g}" if recorded
+             else f"no width record: noise_std measured, the median of the deviations, {std:.3g}")
     for r in failing:
         r.cause = (
-            f"the width growth's zero-sum noise (noise_std {std:g}; noise_std * sqrt(d_model) = {gain:.2f}) "
+            f"the width growth's zero-sum noise ({which}; noise_std * sqrt(d_model) = {gain:.2f}) "
             "cancels only in exact arithmetic: each projection multiplies the rounding differences "
             "between clones by its noise, and here they grew layer by layer. Measured: every noisy "
-            f"tensor's clone deviations have the recorded std ({lo:.3g}..{hi:.3g}), and with them "
-            f"averaged out the model matches its source ({quiet.summary}). What the check saw: "
-            + (r.cause or r.summary)
+            f"tensor's clone deviations have {'the recorded' if recorded else 'that'} std, within "
+            f"{STD_FACTOR:g}x ({lo:.3g}..{hi:.3g}), and with them averaged out the model matches its "
+            f"source ({quiet.summary}). What the check saw: " + (r.cause or r.summary)
         )
         r.diagnosis = "noise_amplified"
         r.fix = TROUBLESHOOTING["noise_amplified"].fix
