@@ -7,6 +7,7 @@
 #   bash bench/gpu_session.sh --tests      # also tests/test_kernels.py (CPU + Triton interpreter: no CUDA)
 #   bash bench/gpu_session.sh --dry-run    # the same steps on the CPU: tiny shapes, TRITON_INTERPRET=1
 #                                          # where a script supports it (GPU_SESSION_DRY_RUN=1 does the same)
+#   bash bench/gpu_session.sh --fetch-wheels   # HERE, before a session: tyro's wheels into .whl/ (below)
 #
 # Steps, each under its own `timeout` (and within GPU_SESSION_BUDGET_S, default 480 s, 570 s with --full,
 # for the whole script: give the device tool timeout_s 600), a failure recorded and the next step run all the same:
@@ -32,19 +33,25 @@
 # else `pip install --no-index --no-deps --no-build-isolation -e .`, else a PYTHONPATH shim with the
 # setup.py package layout. If torch is missing or has no CUDA, the script tries
 # `pip install -e ".[test,hf,cli]"` (wheels carried in .whl/ first; the registry only where it can
-# be reached) and, failing that, runs no GPU step.
+# be reached) and, failing that, runs no GPU step. Every step parses its flags with tyro (the cli
+# extra), which the H200 image lacks (device KINDS.md, 2026-11-17): `--fetch-wheels` downloads tyro,
+# docstring-parser and typeguard (pure Python; typing-extensions is in the image), at the versions
+# installed here, into .whl/ (git-ignored); carry .whl to the GPU machine and the env step installs
+# them into the session folder (pip --target, no index) and puts that on PYTHONPATH.
 set -u -o pipefail
 
 DRY_RUN=${GPU_SESSION_DRY_RUN:-0}
 FULL=0
 TESTS=0
+FETCH=0
 for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY_RUN=1 ;;
     --full) FULL=1 ;;
     --tests) TESTS=1 ;;
+    --fetch-wheels) FETCH=1 ;;
     -h|--help) awk 'NR > 1 && /^#/ { print; next } NR > 1 { exit }' "$0"; exit 0 ;;
-    *) echo "gpu_session.sh: unknown argument $arg (--dry-run, --full, --tests)"; exit 2 ;;
+    *) echo "gpu_session.sh: unknown argument $arg (--dry-run, --full, --tests, --fetch-wheels)"; exit 2 ;;
   esac
 done
 
@@ -52,6 +59,22 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT" || exit 2
 PY=${PYTHON:-python3}
 command -v "$PY" >/dev/null 2>&1 || PY=python
+CLI_WHEELS=(tyro docstring-parser typeguard)  # tyro and its needs that the H200 image lacks
+
+if [ "$FETCH" = 1 ]; then  # on this machine, not the GPU one: pure-Python wheels for any python 3
+  pins=$("$PY" -c '
+import sys
+from importlib.metadata import PackageNotFoundError, version
+for name in sys.argv[1:]:
+    try:
+        print(f"{name}=={version(name)}")
+    except PackageNotFoundError:
+        print(name)' "${CLI_WHEELS[@]}")
+  # shellcheck disable=SC2086
+  "$PY" -m pip download -q --no-deps --only-binary=:all: -d .whl $pins || exit 1
+  echo "in .whl/ (carry it to the GPU machine):"; ls .whl
+  exit 0
+fi
 BUDGET=${GPU_SESSION_BUDGET_S:-$([ "$FULL" = 1 ] && echo 570 || echo 480)}
 SESSION=$(mktemp -d "${TMPDIR:-/tmp}/gpu_session.XXXXXX")
 RESULTS=$SESSION/results
@@ -177,6 +200,10 @@ shim_growkit() {  # the package layout of setup.py (growkit -> api/, growkit.X -
   export PYTHONPATH="$shim${PYTHONPATH:+:$PYTHONPATH}"
 }
 
+cli_ok() {
+  "$PY" -c "import tyro" >/dev/null 2>&1
+}
+
 torch_ok() {
   if [ "$DRY_RUN" = 1 ]; then "$PY" -c "import torch" >/dev/null 2>&1
   else "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" >/dev/null 2>&1; fi
@@ -200,6 +227,19 @@ prepare() {
       shim_growkit
       growkit_here || { echo "growkit still not importable"; ok=0; }
     fi
+  fi
+  if ! cli_ok; then
+    echo "tyro is not importable here: installing the carried wheels of ${CLI_WHEELS[*]} (.whl/)"
+    local wheels=() name
+    for name in "${CLI_WHEELS[@]}"; do
+      wheels+=(.whl/"${name//-/_}"-*.whl)
+    done
+    if ls "${wheels[@]}" >/dev/null 2>&1; then
+      timeout 120 "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$SESSION/site" \
+        "${wheels[@]}" 2>&1 | tail -3
+      export PYTHONPATH="$SESSION/site${PYTHONPATH:+:$PYTHONPATH}"
+    fi
+    cli_ok || { echo "no tyro, so no step can parse its flags: run 'bash bench/gpu_session.sh --fetch-wheels' where pip works, and carry .whl"; ok=0; }
   fi
   env_report
   [ "$ok" = 1 ]
