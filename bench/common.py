@@ -9,9 +9,10 @@ import os
 import platform
 import re
 import statistics
+import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NoReturn, TypeVar
 
 import torch
 
@@ -19,6 +20,34 @@ from growkit.files import atomic_write_text  # noqa: F401  (re-exported for the 
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
+T = TypeVar("T")
+
+
+def parse_cli(args_type: type[T], argv=None, description: str | None = None) -> T:
+    """The script's flags as ``args_type`` (a dataclass; each field a flag, its docstring the
+    help) through tyro, the project's CLI library (the ``cli`` extra). ``argv``: None for
+    sys.argv; ``description``: the script's docstring, shown by ``--help``. A ``bool`` field
+    is a plain switch (``--quick``; no ``--no-quick`` partner, so ``no_compile`` stays
+    ``--no-compile``)."""
+    import tyro
+
+    return tyro.cli(args_type, args=None if argv is None else list(argv), description=description,
+                    config=(tyro.conf.FlagCreatePairsOff,))
+
+
+def require_values(args: object, *fields: str) -> None:
+    """A list flag (``tuple[T, ...]``) given with no value is a usage error, as argparse's
+    ``nargs="+"`` made it (tyro's lists take zero values too)."""
+    for f in fields:
+        if getattr(args, f) == ():
+            usage_error(f"argument --{f.replace('_', '-')}: expected at least one argument")
+
+
+def usage_error(message: str) -> NoReturn:
+    """A flag value the parser accepted but the script cannot use: the message on stderr and
+    exit status 2, as for a flag the parser refused."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def device_label(device: torch.device) -> str:

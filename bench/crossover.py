@@ -22,20 +22,31 @@ and a ``.png`` with both curves.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR, atomic_write_text, device_label, device_slug  # noqa: E402
+from common import (  # noqa: E402
+    RESULTS_DIR,
+    atomic_write_text,
+    device_label,
+    device_slug,
+    parse_cli,
+    require_values,
+    usage_error,
+)
 from growth_vs_scratch import (  # noqa: E402
+    ConfigArgs,
     Evaluator,
-    add_config_arguments,
+    Floats,
+    JsonFile,
     config_from_arguments,
     finish_plot,
     train_arm,
@@ -119,42 +130,47 @@ def plot(result: dict, path: Path) -> bool:
     return True
 
 
+@dataclass
+class Args(ConfigArgs):
+    """The flags of this script: the common ones (:class:`ConfigArgs`) and these."""
+
+    budget: float | None = None
+    """training FLOPs per arm"""
+    analyze: JsonFile = None
+    """train nothing: analyze the curves of an earlier result again and rewrite it and its plot"""
+    seeds: tuple[int, ...] = (0,)
+    scratch_lrs: Floats = None
+    """peak rates of the large model (default: the phase-1 rate)"""
+    source_lrs: Floats = None
+    """peak rates of the small model (default: the phase-1 rate)"""
+    name: str = ""
+    """suffix of the result files"""
+    schedule: Literal["constant", "cosine"] = "constant"
+    n_evals: int = 40
+    results_dir: str = str(RESULTS_DIR)
+
+
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_arguments(p)
-    p.add_argument("--budget", type=float, default=None, help="training FLOPs per arm")
-    p.add_argument("--analyze", metavar="JSON", default=None,
-                   help="train nothing: analyze the curves of an earlier result again and "
-                        "rewrite it and its plot")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--scratch-lrs", type=float, nargs="+", default=None,
-                   help="peak rates of the large model (default: the phase-1 rate)")
-    p.add_argument("--source-lrs", type=float, nargs="+", default=None,
-                   help="peak rates of the small model (default: the phase-1 rate)")
-    p.add_argument("--name", default="", help="suffix of the result files")
-    p.add_argument("--schedule", default="constant", choices=("constant", "cosine"))
-    p.add_argument("--n-evals", type=int, default=40)
-    p.add_argument("--results-dir", default=str(RESULTS_DIR))
-    args = p.parse_args(argv)
+    args = parse_cli(Args, argv, description=__doc__)
+    require_values(args, "seeds", "scratch_lrs", "source_lrs")
     if args.analyze:
         path = Path(args.analyze)
         try:
             result = json.loads(path.read_text())
             result["arms"]["scratch"], result["arms"]["source"]  # noqa: B018
         except (OSError, ValueError, KeyError, TypeError) as e:
-            p.error(f"--analyze: {path} is not a result of this script ({e})")
+            usage_error(f"--analyze: {path} is not a result of this script ({e})")
         return report(result, path.with_suffix(""))
     if args.budget is None or not args.budget > 0:
-        p.error("--budget: give a positive number of training FLOPs, e.g. 5e13")
+        usage_error("--budget: give a positive number of training FLOPs, e.g. 5e13")
 
-    base, _ = config_from_arguments(p, args, schedule=args.schedule)
+    base, _ = config_from_arguments(args, schedule=args.schedule)
     if base.threads > 0:
         torch.set_num_threads(base.threads)
     device = torch.device("cuda" if base.device in ("cuda", "auto")
                           and torch.cuda.is_available() else "cpu")
-    lrs = {"scratch": args.scratch_lrs or [base.phase1.lr],
-           "source": args.source_lrs or [base.phase1.lr]}
+    lrs = {"scratch": list(args.scratch_lrs or [base.phase1.lr]),
+           "source": list(args.source_lrs or [base.phase1.lr])}
     t0 = time.perf_counter()
     arms: dict[str, dict[str, list]] = {a: {str(lr): [] for lr in v} for a, v in lrs.items()}
     data_desc = ""
@@ -173,7 +189,7 @@ def main(argv=None) -> dict:
 
     result = {
         "preset": args.preset, "quick": args.quick, "budget_flops": args.budget,
-        "schedule": args.schedule, "seeds": args.seeds, "data": data_desc,
+        "schedule": args.schedule, "seeds": list(args.seeds), "data": data_desc,
         "set": list(args.set), "config": base.to_dict(),
         "device": device_label(device),
         "labels": {"scratch": "(b) final architecture from scratch",

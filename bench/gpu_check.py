@@ -13,28 +13,36 @@ What it checks, on CUDA tensors with the native Triton kernels:
   in a different order: relative 1e-5).
 - ``grow_width`` of a random model through Triton equals the torch path bitwise, and the
   four growth checks pass on the GPU.
+
 Outputs are filled with NaN before each launch, so unwritten elements fail.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import parse_cli  # noqa: E402
+
+
+@dataclass
+class Args:
+    device: Literal["cuda", "cpu"] = "cuda"
+    """cpu: a dry run through the Triton interpreter (TRITON_INTERPRET=1)"""
+    quick: bool = False
+    """small shapes only"""
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
-                        help="cpu: a dry run through the Triton interpreter (TRITON_INTERPRET=1)")
-    parser.add_argument("--quick", action="store_true", help="small shapes only")
-    args = parser.parse_args(argv)
+    args = parse_cli(Args, argv, description=__doc__)
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     if args.device == "cuda" and not torch.cuda.is_available():
         print("gpu_check: CUDA is not available")

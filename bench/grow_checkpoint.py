@@ -20,7 +20,6 @@ Results: bench/results/grow_checkpoint_<device>.json.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -30,12 +29,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import device_label, write_results  # noqa: E402
+from common import device_label, parse_cli, write_results  # noqa: E402
 
 from growkit.growth.plan import TensorSpec  # noqa: E402
 from growkit.growth.stream import ShardWriter  # noqa: E402
@@ -110,19 +110,23 @@ def child(code: str, env: dict[str, str] | None = None) -> tuple[int, float, int
     return int(rss), float(seconds), int(rc)
 
 
+@dataclass
+class Args:
+    hidden: int = 1024
+    intermediate: int = 4096
+    layers: int = 29
+    vocab: int = 32000
+    heads: int = 16
+    dir: str | None = None
+    """work directory (default: a temporary one, removed)"""
+    name: str = "grow_checkpoint"
+    """results file stem, e.g. grow_checkpoint_tmpfs for a run with --dir on a tmpfs"""
+    repeats: int = 3
+    """rounds of (grow, grow with the numpy noise path, cp), interleaved; medians reported"""
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--hidden", type=int, default=1024)
-    ap.add_argument("--intermediate", type=int, default=4096)
-    ap.add_argument("--layers", type=int, default=29)
-    ap.add_argument("--vocab", type=int, default=32000)
-    ap.add_argument("--heads", type=int, default=16)
-    ap.add_argument("--dir", default=None, help="work directory (default: a temporary one, removed)")
-    ap.add_argument("--name", default="grow_checkpoint",
-                    help="results file stem, e.g. grow_checkpoint_tmpfs for a run with --dir on a tmpfs")
-    ap.add_argument("--repeats", type=int, default=3,
-                    help="rounds of (grow, grow with the numpy noise path, cp), interleaved; medians reported")
-    args = ap.parse_args()
+    args = parse_cli(Args, description=__doc__.splitlines()[0])
     work = Path(args.dir or tempfile.mkdtemp(prefix="growkit-bench-"))
     src, dst, copy = work / "src", work / "dst", work / "copy"
     for p in (src, dst, copy):

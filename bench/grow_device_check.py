@@ -11,18 +11,25 @@ so the Triton kernels must give the CPU's bits.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import parse_cli  # noqa: E402
+
+
+@dataclass
+class Args:
+    device: Literal["cuda", "cpu"] = "cuda"
+
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    args = ap.parse_args(argv)
+    args = parse_cli(Args, argv, description=__doc__.splitlines()[0])
     from safetensors import safe_open
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -55,7 +55,6 @@ a shape suffix when the shape is not the 8B default.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import math
@@ -65,12 +64,13 @@ import sys
 import time
 from collections import deque
 from pathlib import Path
+from typing import Literal
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-from common import device_label, print_table, time_fn, write_results  # noqa: E402
+from common import device_label, parse_cli, print_table, time_fn, usage_error, write_results  # noqa: E402
 
 from growkit.checkpoint_cli import GrowArgs  # noqa: E402
 from growkit.growth.adapters import PART, get_family_adapter  # noqa: E402
@@ -337,38 +337,48 @@ def run_overlap(s: Setup, compute: bool) -> dict:
     return dict(wall_s=time.perf_counter() - t0)
 
 
-def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    ap.add_argument("--layers", type=int, default=LLAMA3_8B["layers"])
-    ap.add_argument("--hidden", type=int, default=LLAMA3_8B["hidden"])
-    ap.add_argument("--intermediate", type=int, default=LLAMA3_8B["intermediate"])
-    ap.add_argument("--vocab", type=int, default=LLAMA3_8B["vocab"])
-    ap.add_argument("--heads", type=int, default=LLAMA3_8B["heads"])
-    ap.add_argument("--kv-heads", type=int, default=LLAMA3_8B["kv_heads"])
-    ap.add_argument("--scale", type=int, default=2, help="width multiple")
-    ap.add_argument("--repeat", type=int, default=3, help="timed passes of each kind (interleaved)")
-    ap.add_argument("--warmup", type=int, default=1, help="untimed passes of each kind first (Triton compiles)")
-    ap.add_argument("--window", type=int, default=3, help="tensors in flight (and reusable pinned output slots)")
-    ap.add_argument("--no-overlap", action="store_true", help="serial passes only")
-    ap.add_argument("--check", default="default",
-                    help="tensors compared bitwise with the CPU growth: default (embedding, layer 0, final "
-                         "norm, lm_head), all, none, or comma-separated checkpoint names")
-    ap.add_argument("--keep-grown", action="store_true",
-                    help="keep every grown tensor in one pinned CPU buffer (the whole grown model) instead of "
-                         "reusable slots")
-    ap.add_argument("--max-host-gb", type=float, default=100.0, help="refuse to start above this host memory estimate")
-    ap.add_argument("--seed", type=int, default=0, help="random source weights")
-    ap.add_argument("--results-dir", default=None, help="default: bench/results (use /tmp for dry runs)")
-    args = ap.parse_args(argv)
+@dataclasses.dataclass
+class Args:
+    device: Literal["cuda", "cpu"] = "cuda"
+    layers: int = LLAMA3_8B["layers"]
+    hidden: int = LLAMA3_8B["hidden"]
+    intermediate: int = LLAMA3_8B["intermediate"]
+    vocab: int = LLAMA3_8B["vocab"]
+    heads: int = LLAMA3_8B["heads"]
+    kv_heads: int = LLAMA3_8B["kv_heads"]
+    scale: int = 2
+    """width multiple"""
+    repeat: int = 3
+    """timed passes of each kind (interleaved)"""
+    warmup: int = 1
+    """untimed passes of each kind first (Triton compiles)"""
+    window: int = 3
+    """tensors in flight (and reusable pinned output slots)"""
+    no_overlap: bool = False
+    """serial passes only"""
+    check: str = "default"
+    """tensors compared bitwise with the CPU growth: default (embedding, layer 0, final norm, lm_head), all, none,
+    or comma-separated checkpoint names"""
+    keep_grown: bool = False
+    """keep every grown tensor in one pinned CPU buffer (the whole grown model) instead of reusable slots"""
+    max_host_gb: float = 100.0
+    """refuse to start above this host memory estimate"""
+    seed: int = 0
+    """random source weights"""
+    results_dir: str | None = None
+    """default: bench/results (use /tmp for dry runs)"""
+
+
+def parse_args(argv=None) -> Args:
+    args = parse_cli(Args, argv, description=__doc__)
     if args.hidden % args.heads or args.heads % args.kv_heads:
-        ap.error("--hidden must be a multiple of --heads, and --heads of --kv-heads")
+        usage_error("--hidden must be a multiple of --heads, and --heads of --kv-heads")
     if args.device == "cuda" and not torch.cuda.is_available():
-        ap.error("CUDA is not available here: use --device cpu (a dry run)")
+        usage_error("CUDA is not available here: use --device cpu (a dry run)")
     if args.device == "cuda" and interpreter_enabled():
-        ap.error("unset TRITON_INTERPRET for --device cuda (the interpreter runs CPU tensors)")
+        usage_error("unset TRITON_INTERPRET for --device cuda (the interpreter runs CPU tensors)")
     if args.window < 1 or args.repeat < 1 or args.warmup < 0:
-        ap.error("--window and --repeat must be >= 1, --warmup >= 0")
+        usage_error("--window and --repeat must be >= 1, --warmup >= 0")
     return args
 
 

@@ -4,30 +4,52 @@
     python bench/growth_speed.py --d-model 512 --n-layers 4 --dtype float32   # small
 
 Each measurement runs in a fresh subprocess so its peak resident memory (ru_maxrss) is its
-own. The reference is a loop that allocates every grown tensor and writes it once
-(``torch.empty(shape).copy_(...)`` from a broadcast source), i.e. the memory traffic any
-growth must do at least. growkit allocates its CPU outputs with huge pages
-(``growkit.kernels.memory``), which makes the first write of each page cheaper; so the
-reference is also timed with the same allocation (``baseline_huge_pages``), and the
+own. The reference is a loop that allocates every grown tensor and writes it
+once (``torch.empty(shape).copy_(...)`` from a broadcast source), i.e. the memory traffic
+any growth must do at least. growkit allocates its CPU outputs with
+huge pages (``growkit.kernels.memory``), which makes the first write of each page cheaper;
+so the reference is also timed with the same allocation (``baseline_huge_pages``), and the
 ratio to each is reported. Peak memory is compared with source + grown + the largest single
 grown tensor, counted from the process's resident size once the source is loaded.
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import os
 import resource
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import device_label, print_table, write_results  # noqa: E402
+from common import device_label, parse_cli, print_table, write_results  # noqa: E402
+
+
+@dataclass
+class Args:
+    d_model: int = 2048
+    n_layers: int = 16
+    vocab: int = 32000
+    scale: int = 2
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    noise_stds: str = "0,1e-5"
+    """comma-separated noise_std values to time"""
+    repeats: int = 3
+    """run every configuration this many times, interleaved, and keep the fastest"""
+    # The three below are how the script calls itself for one measurement (tyro cannot hide a flag).
+    child: bool = False
+    """internal: run one measurement in this process and print it as JSON"""
+    what: str = "baseline"
+    """internal (with --child): baseline, baseline_huge_pages or grow_width"""
+    noise_std: float = 0.0
+    """internal (with --child): grow_width's noise_std"""
 
 
 def build_source(args):
@@ -49,7 +71,7 @@ def child(args) -> dict:
     # Warm up: the first meta-device model build imports torch internals (seconds).
     from growkit.growth import grow_width
 
-    tiny = argparse.Namespace(**{**vars(args), "d_model": 64, "n_layers": 1, "vocab": 64})
+    tiny = dataclasses.replace(args, d_model=64, n_layers=1, vocab=64)
     grow_width(build_source(tiny), 2, noise_std=args.noise_std)
     source = build_source(args)
     src_bytes = sum(t.numel() * t.element_size() for t in source.state_dict().values())
@@ -88,19 +110,7 @@ def child(args) -> dict:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--d-model", type=int, default=2048)
-    p.add_argument("--n-layers", type=int, default=16)
-    p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--scale", type=int, default=2)
-    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--noise-stds", default="0,1e-5", help="comma-separated noise_std values to time")
-    p.add_argument("--repeats", type=int, default=3,
-                   help="run every configuration this many times, interleaved, and keep the fastest")
-    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--what", default="baseline", help=argparse.SUPPRESS)
-    p.add_argument("--noise-std", type=float, default=0.0, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    args = parse_cli(Args, argv, description=__doc__)
     if args.child:
         print(json.dumps(child(args)))
         return

@@ -47,7 +47,6 @@ min to max).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import multiprocessing
@@ -61,13 +60,21 @@ import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR, atomic_write_text, device_label  # noqa: E402
+from common import (  # noqa: E402
+    RESULTS_DIR,
+    atomic_write_text,
+    device_label,
+    parse_cli,
+    require_values,
+    usage_error,
+)
 
 from growkit.models import ModelConfig, Transformer  # noqa: E402
 from growkit.train.config import (  # noqa: E402
@@ -203,20 +210,47 @@ def with_fields(base: TrainConfig, items: list[str], prog: str) -> TrainConfig:
     return parse_args(legacy_to_nested(flags), base, prog=prog).cfg if flags else base
 
 
-def add_config_arguments(p: argparse.ArgumentParser) -> None:
+def tyro_flag(t, *, metavar: str | None = None, own_hint: bool = False, repeatable: bool = False):
+    """``t`` annotated for tyro (the cli extra; without it, ``t``: the functions of the bench
+    scripts import without it): ``metavar`` in the help; ``own_hint``: the help text says the
+    default (or that the flag repeats) itself, so tyro adds no "(default: ...)"; ``repeatable``:
+    one value per ``--flag VALUE``, given again for more."""
+    try:
+        import tyro
+    except ImportError:  # pragma: no cover - parse_cli says how to install it
+        return t
+    arg = {**({"metavar": metavar} if metavar else {}),
+           **({"help_behavior_hint": ""} if own_hint else {})}
+    marks = [tyro.conf.arg(**arg)] if arg else []
+    marks += [tyro.conf.UseAppendAction] if repeatable else []
+    return Annotated[(t, *marks)] if marks else t
+
+
+#: The --preset choices: the pipeline's presets.
+Preset = Literal[tuple(sorted(PRESETS))]
+#: Types of flags (aliases: pyflakes reads a string inside an annotation as a forward reference).
+JsonFile = tyro_flag(str | None, metavar="JSON")
+SetItems = tyro_flag(tuple[str, ...], metavar="FIELD=VALUE", own_hint=True, repeatable=True)
+VariantItems = tyro_flag(tuple[str, ...], metavar="NAME:FIELD=VALUE[,FIELD=VALUE...]",
+                         own_hint=True, repeatable=True)
+#: A list flag whose help says its default.
+Floats = tyro_flag(tuple[float, ...] | None, own_hint=True)
+
+
+@dataclass
+class ConfigArgs:
     """--preset, --quick, --data and --set: the settings the bench scripts start from."""
-    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
-    p.add_argument("--quick", action="store_true",
-                   help="a small model and a few hundred steps (smoke test, ~2 min on a CPU)")
-    p.add_argument("--data", default=None, help="'embedded' (default), 'hf' or a .txt path")
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override a TrainConfig field of the pipeline, as the pipeline's "
-                        "flag --FIELD VALUE (phase1.steps=100, d-model=96; FIELD alone: a "
-                        "switch such as reset-optimizer or no-plot; repeatable)")
+
+    preset: Preset = "tiny"
+    quick: bool = False
+    """a small model and a few hundred steps (smoke test, ~2 min on a CPU)"""
+    data: tyro_flag(str | None, own_hint=True) = None
+    """'embedded' (default), 'hf' or a .txt path"""
+    set: SetItems = ()
+    """override a TrainConfig field of the pipeline, as the pipeline's flag --FIELD VALUE (phase1.steps=100, d-model=96; FIELD alone: a switch such as reset-optimizer or no-plot; repeatable)"""
 
 
-def config_from_arguments(p: argparse.ArgumentParser, args: argparse.Namespace,
-                          **overrides: Any) -> tuple[TrainConfig, dict[str, Any]]:
+def config_from_arguments(args: ConfigArgs, **overrides: Any) -> tuple[TrainConfig, dict[str, Any]]:
     """The preset (``--quick``'s model if asked) with ``overrides``, ``--data`` and then
     ``--set`` applied, no plot and no progress bars; (that config, the overrides)."""
     overrides = {**(QUICK if args.quick else {}), **overrides}
@@ -225,9 +259,9 @@ def config_from_arguments(p: argparse.ArgumentParser, args: argparse.Namespace,
     overrides.update(plot=False, progress=False)
     base = preset_config(args.preset, **overrides)
     try:
-        return with_fields(base, args.set, "--set"), overrides
+        return with_fields(base, list(args.set), "--set"), overrides
     except (TypeError, ValueError) as e:
-        p.error(f"--set: {e}")
+        usage_error(f"--set: {e}")
 
 
 def finish_plot(fig, ax, path: Path) -> None:
@@ -610,48 +644,46 @@ def plot(result: dict, path: Path) -> bool:
     return True
 
 
+@dataclass
+class Args(ConfigArgs):
+    """The flags of this script: the common ones (:class:`ConfigArgs`) and these."""
+
+    val_data: str | None = None
+    """separate validation .txt file"""
+    seeds: tuple[int, ...] = (0, 1)
+    scratch_lrs: Floats = None
+    """peak learning rates of arm (b)'s sweep (default: the phase-1 rate x 1/3, 1, 3)"""
+    variant: VariantItems = ()
+    """another growth recipe, run with every seed against the same arms (b) and (c): the pipeline's config with these fields changed (as --set), phase 3 then given the steps that spend the default pipeline's FLOPs (e.g. late:phase1.steps=3000,phase3.lr=1e-3; repeatable)"""
+    name: str = ""
+    """suffix of the result files (growth_vs_scratch_<preset>_<data>_<name>)"""
+    reuse_arms: JsonFile = None
+    """take arms (b) and (c) from an earlier result of this script with the same settings (the pipeline's growth and phase-2/3 settings may differ), budget, seeds and --scratch-lrs (checked): run only the pipeline, and not even it if its settings are the same too, and the --variant recipes"""
+    n_evals: tyro_flag(int | None, own_hint=True) = None
+    """evaluations of arms (b) and (c) (default 20, 10 with --quick)"""
+    jobs: tyro_flag(int, own_hint=True) = 1
+    """runs at once, each in its own process (default 1; with more, each run gets cpu_count / jobs torch threads unless --set threads=N)"""
+    out: tyro_flag(str | None, own_hint=True) = None
+    """parent of the pipeline runs (default: temp)"""
+    results_dir: str = str(RESULTS_DIR)
+
+
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_arguments(p)
-    p.add_argument("--val-data", default=None, help="separate validation .txt file")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--scratch-lrs", type=float, nargs="+", default=None,
-                   help="peak learning rates of arm (b)'s sweep (default: the phase-1 rate "
-                        "x 1/3, 1, 3)")
-    p.add_argument("--variant", action="append", default=[],
-                   metavar="NAME:FIELD=VALUE[,FIELD=VALUE...]",
-                   help="another growth recipe, run with every seed against the same arms (b) "
-                        "and (c): the pipeline's config with these fields changed (as --set), "
-                        "phase 3 then given the steps that spend the default pipeline's FLOPs "
-                        "(e.g. late:phase1.steps=3000,phase3.lr=1e-3; repeatable)")
-    p.add_argument("--name", default="",
-                   help="suffix of the result files (growth_vs_scratch_<preset>_<data>_<name>)")
-    p.add_argument("--reuse-arms", metavar="JSON", default=None,
-                   help="take arms (b) and (c) from an earlier result of this script with the "
-                        "same settings (the pipeline's growth and phase-2/3 settings may differ), "
-                        "budget, seeds and --scratch-lrs (checked): run only the pipeline, and "
-                        "not even it if its settings are the same too, and the --variant recipes")
-    p.add_argument("--n-evals", type=int, default=None,
-                   help="evaluations of arms (b) and (c) (default 20, 10 with --quick)")
-    p.add_argument("--jobs", type=int, default=1,
-                   help="runs at once, each in its own process (default 1; with more, each "
-                        "run gets cpu_count / jobs torch threads unless --set threads=N)")
-    p.add_argument("--out", default=None, help="parent of the pipeline runs (default: temp)")
-    p.add_argument("--results-dir", default=str(RESULTS_DIR))
-    args = p.parse_args(argv)
-    if len(set(args.seeds)) < 2:
-        p.error("--seeds: give at least 2 different seeds (the report needs a spread)")
+    args = parse_cli(Args, argv, description=__doc__)
+    require_values(args, "seeds", "scratch_lrs")
+    seeds = list(args.seeds)
+    if len(set(seeds)) < 2:
+        usage_error("--seeds: give at least 2 different seeds (the report needs a spread)")
 
     base, overrides = config_from_arguments(
-        p, args, **({"val_data": args.val_data} if args.val_data else {}))
+        args, **({"val_data": args.val_data} if args.val_data else {}))
     lr1 = base.phase1.lr
     lrs = sorted(args.scratch_lrs or [lr1 / 3, lr1, lr1 * 3])
     if len(lrs) < 3:
-        p.error("--scratch-lrs: give at least 3 learning rates")
+        usage_error("--scratch-lrs: give at least 3 learning rates")
     n_evals = args.n_evals or (10 if args.quick else 20)
     if args.jobs < 1:
-        p.error("--jobs: give 1 or more")
+        usage_error("--jobs: give 1 or more")
     if args.jobs > 1 and base.threads == 0:  # no oversubscription of the cores
         base = TrainConfig.from_dict({"threads": max(1, (os.cpu_count() or 1) // args.jobs)},
                                      base=base)
@@ -668,22 +700,23 @@ def main(argv=None) -> dict:
         try:
             name, items, vcfg, fraction = parse_variant(text, base)
         except (TypeError, ValueError) as e:
-            p.error(str(e))
+            usage_error(str(e))
         if name in variants or name in ("pipeline", "scratch", "source"):
-            p.error(f"--variant {name}: the name is taken; give each variant its own")
+            usage_error(f"--variant {name}: the name is taken; give each variant its own")
         try:
             fill_budget(vcfg, vocab, fraction * planned_budget)
         except ValueError as e:
-            p.error(f"--variant {name}: {e}")
+            usage_error(f"--variant {name}: {e}")
         # Another source model or other growth factors are recipes too, as long as they
         # grow into (b)'s architecture: (b) is the target every recipe is measured against.
         grown, target = (c.model_config(vocab, phase=3).to_dict() for c in (vcfg, base))
         if grown != target:
             diff = ", ".join(f"{k} {grown[k]} (not {target[k]})" for k in target
                              if grown[k] != target[k])
-            p.error(f"--variant {name}: its grown model differs from arm (b)'s: {diff}; change "
-                    "the source model and the growth factors together (e.g. d-model=16,"
-                    "n-heads=1,d-ff=44,scale-factor=4 where the preset has d32, 2 heads)")
+            usage_error(f"--variant {name}: its grown model differs from arm (b)'s: {diff}; "
+                        "change the source model and the growth factors together (e.g. "
+                        "d-model=16,n-heads=1,d-ff=44,scale-factor=4 where the preset has d32, "
+                        "2 heads)")
         variants[name] = (items, vcfg, fraction)
     variant_runs: dict[str, list[dict]] = {name: [] for name in variants}
 
@@ -697,9 +730,9 @@ def main(argv=None) -> dict:
     reused = None
     if args.reuse_arms:
         try:
-            reused = reusable_arms(Path(args.reuse_arms), base, args.seeds, lrs)
+            reused = reusable_arms(Path(args.reuse_arms), base, seeds, lrs)
         except ValueError as e:
-            p.error(f"--reuse-arms: {e}")
+            usage_error(f"--reuse-arms: {e}")
         scratch, source_runs = reused["scratch"], reused["source"]
     if reused is not None and reused["pipeline"] is not None:
         pipe_runs = reused["pipeline"]
@@ -709,7 +742,7 @@ def main(argv=None) -> dict:
     else:
         # Stage 1: the default pipeline of every seed (it fixes the budget and tokenizer).
         firsts = run_tasks([(pipeline_task, (seed_cfg(base, seed, "pipeline"), "(a) pipeline"))
-                            for seed in args.seeds], args.jobs)
+                            for seed in seeds], args.jobs)
         pipe_runs = [record for record, _ in firsts]
         summary = firsts[0][1]
         final_cfg = ModelConfig.from_dict(summary["phases"]["3"]["model_config"])
@@ -720,7 +753,7 @@ def main(argv=None) -> dict:
         device_desc = device_label(device)
     # Stage 2: the variants, arm (b)'s sweep and arm (c), every seed.
     tasks, keys = [], []
-    for seed in args.seeds:
+    for seed in seeds:
         for name, (items, vcfg, fraction) in variants.items():
             try:
                 vcfg = fill_budget(vcfg, source_cfg.vocab_size, fraction * budget)
@@ -804,7 +837,7 @@ def main(argv=None) -> dict:
             "best_case_fraction_to_scratch_final":
                 None if mean_or_none(heads) is None else 1 - mean_or_none(heads) / budget}
     result = {
-        "preset": args.preset, "quick": args.quick, "seeds": args.seeds, "data": data_desc,
+        "preset": args.preset, "quick": args.quick, "seeds": seeds, "data": data_desc,
         "device": device_desc, "budget_flops": budget, "reused_arms_from": args.reuse_arms,
         "config": base.to_dict(), "overrides": {k: str(v) for k, v in overrides.items()},
         "set": list(args.set),
@@ -820,7 +853,7 @@ def main(argv=None) -> dict:
     }
 
     print(f"\n=== {args.preset}{' (quick)' if args.quick else ''}: budget {budget:.3g} "
-          f"training FLOPs per arm, seeds {args.seeds} ===")
+          f"training FLOPs per arm, seeds {seeds} ===")
     print(f"{'arm':<44} {'final val loss':>22} {'FLOPs to (b) final':>19} "
           f"{'to (c) final':>13}")
     names = {"pipeline": "(a) pipeline (dense -> MoE -> grown)",

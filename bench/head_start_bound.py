@@ -23,8 +23,16 @@ expect of pairs not measured.
 
 from __future__ import annotations
 
-import argparse
 import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+import tyro
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import parse_cli, require_values, usage_error  # noqa: E402
 
 #: Hoffmann et al. 2022, approach 3 (E, A, B, alpha, beta).
 CHINCHILLA = (1.69, 406.4, 410.7, 0.34, 0.28)
@@ -84,19 +92,24 @@ def head_start_bound(fit: tuple[float, ...], n_small: float, ratio: float,
             "best_fraction": 1 - best / fx}
 
 
+@dataclass
+class Args:
+    ratios: Annotated[tuple[float, ...], tyro.conf.arg(metavar="FLOAT [FLOAT ...]")] = (2, 4, 10, 30, 100, 300, 1000)
+    """parameter ratios grown / source (each > 1)"""
+    n_small: float = 1e8
+    """source model's parameters"""
+    fit: Annotated[tuple[float, float, float, float, float],
+                   tyro.conf.arg(metavar="E A B ALPHA BETA", help_behavior_hint=lambda default: f"({default})")] = CHINCHILLA
+    """L(N, D) = E + A N^-ALPHA + B D^-BETA (default: Chinchilla's)"""
+
+
 def main(argv=None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--ratios", type=float, nargs="+", default=[2, 4, 10, 30, 100, 300, 1000],
-                   help="parameter ratios grown / source (each > 1)")
-    p.add_argument("--n-small", type=float, default=1e8, help="source model's parameters")
-    p.add_argument("--fit", type=float, nargs=5, default=list(CHINCHILLA),
-                   metavar=("E", "A", "B", "ALPHA", "BETA"),
-                   help="L(N, D) = E + A N^-ALPHA + B D^-BETA (default: Chinchilla's)")
-    args = p.parse_args(argv)
+    args = parse_cli(Args, argv, description=__doc__.split("\n\n")[0])
+    require_values(args, "ratios")
     if any(not r > 1 for r in args.ratios):
-        p.error("--ratios: each must be > 1 (the grown model is the larger)")
+        usage_error("--ratios: each must be > 1 (the grown model is the larger)")
     if not args.n_small > 0 or any(not x > 0 for x in args.fit[1:]):
-        p.error("--n-small and --fit's A, B, ALPHA, BETA must be > 0")
+        usage_error("--n-small and --fit's A, B, ALPHA, BETA must be > 0")
     rows = []
     print(f"{'ratio':>7} {'crossover FLOPs':>16} {'max head start':>15} {'of crossover':>13} "
           f"{'grown at':>9} {'least FLOPs fraction':>21}")

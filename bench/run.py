@@ -12,14 +12,15 @@ and ``.csv``.
 
 from __future__ import annotations
 
-import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import device_label, print_table, time_fn, write_results  # noqa: E402
+from common import device_label, parse_cli, print_table, time_fn, usage_error, write_results  # noqa: E402
 
 from growkit.kernels import (  # noqa: E402
     block_divergence,
@@ -115,17 +116,22 @@ def run_case(rows, *, kernel, size, nbytes, device, fns, copy_gbps, repeat, save
         save()  # NOTE: after every case, so a run stopped by a time limit keeps what it measured
 
 
+@dataclass
+class Args:
+    quick: bool = False
+    """few sizes, few repeats"""
+    no_compile: bool = False
+    """skip torch.compile (slow to build on a CPU)"""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="few sizes, few repeats")
-    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (slow to build on a CPU)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    args = parser.parse_args(argv)
+    args = parse_cli(Args, argv, description=__doc__)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     on_gpu = device.type == "cuda"
     if interpreter_enabled():
-        parser.error("unset TRITON_INTERPRET: the interpreter is for tests, not timings")
+        usage_error("unset TRITON_INTERPRET: the interpreter is for tests, not timings")
     dtype = getattr(torch, args.dtype)
     esize = torch.tensor([], dtype=dtype).element_size()
     repeat = 3 if args.quick else 7

@@ -11,17 +11,17 @@ one run. Results: ``bench/results/throughput_vs_hf_<device>.json``.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import device_label, print_table, write_results  # noqa: E402
+from common import device_label, parse_cli, print_table, write_results  # noqa: E402
 
 from growkit.models import ModelConfig, Transformer  # noqa: E402
 
@@ -40,17 +40,20 @@ def hf_llama(cfg: ModelConfig):
     return LlamaForCausalLM(hf_cfg)
 
 
+@dataclass
+class Args:
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 8
+    n_kv_heads: int = 4
+    vocab: int = 4096
+    batch: int = 8
+    seq: int = 256
+    steps: int = 12
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--d-model", type=int, default=256)
-    p.add_argument("--n-layers", type=int, default=4)
-    p.add_argument("--n-heads", type=int, default=8)
-    p.add_argument("--n-kv-heads", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=4096)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--steps", type=int, default=12)
-    args = p.parse_args(argv)
+    args = parse_cli(Args, argv, description=__doc__)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = ModelConfig(vocab_size=args.vocab, d_model=args.d_model, n_layers=args.n_layers,

@@ -25,18 +25,18 @@ import os
 
 os.environ.pop("TRITON_INTERPRET", None)  # before growkit (and triton.jit) is imported
 
-import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import io  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import device_label, time_fn, write_results  # noqa: E402
+from common import device_label, parse_cli, time_fn, write_results  # noqa: E402
 
 from growkit.growth import grow_width  # noqa: E402
 from growkit.models import ModelConfig, Transformer, causal_lm_loss  # noqa: E402
@@ -56,20 +56,26 @@ def _timed(fn, device) -> float:
     return time.perf_counter() - t0
 
 
+@dataclass
+class Args:
+    layers: int = 12
+    d_model: int = 512
+    heads: int = 8
+    vocab: int = 8192
+    batch: int = 8
+    seq: int = 256
+    scale: int = 2
+    repeat: int = 3
+    """timed (baseline, check) pairs"""
+    train_steps: int = 3
+    """timed training steps"""
+    every: int = 100
+    quick: bool = False
+    """4 layers, d_model 128, probe [4, 64]"""
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--layers", type=int, default=12)
-    ap.add_argument("--d-model", type=int, default=512)
-    ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--vocab", type=int, default=8192)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--scale", type=int, default=2)
-    ap.add_argument("--repeat", type=int, default=3, help="timed (baseline, check) pairs")
-    ap.add_argument("--train-steps", type=int, default=3, help="timed training steps")
-    ap.add_argument("--every", type=int, default=100)
-    ap.add_argument("--quick", action="store_true", help="4 layers, d_model 128, probe [4, 64]")
-    args = ap.parse_args()
+    args = parse_cli(Args, description=__doc__)
     if args.quick:
         args.layers, args.d_model, args.heads, args.vocab, args.batch, args.seq = 4, 128, 4, 1024, 4, 64
 

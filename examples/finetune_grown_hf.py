@@ -17,11 +17,12 @@ Needs ``pip install 'growkit[hf]' accelerate`` (the Trainer requires accelerate)
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
+from dataclasses import dataclass
 
 import torch
+import tyro
 
 T0 = time.perf_counter()
 
@@ -53,15 +54,20 @@ class ByteText(torch.utils.data.Dataset):
         return {"input_ids": self.rows[i], "labels": self.rows[i]}
 
 
+@dataclass
+class Args:
+    steps: int = 30
+    every: int = 5
+    """monitor every this many steps"""
+    noise_std: float = 1e-3
+    """grow_width's symmetry-breaking noise"""
+    seq_len: int = 64
+    threads: int = 1
+    """torch threads (a tiny model: more only spin on a busy 2-core machine, 16 s instead of 2)"""
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--every", type=int, default=5, help="monitor every this many steps")
-    ap.add_argument("--noise-std", type=float, default=1e-3, help="grow_width's symmetry-breaking noise")
-    ap.add_argument("--seq-len", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads (a tiny model: more only spin on a busy 2-core machine, 16 s instead of 2)")
-    args = ap.parse_args()
+    args = tyro.cli(Args, description=__doc__.split("\n")[0])
     torch.set_num_threads(args.threads)
 
     from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments

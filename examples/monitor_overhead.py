@@ -28,13 +28,14 @@ At ``every=100`` a tick costs at most 0.06 % of the training time. On the tests'
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import tyro
 
 from growkit.growth import grow_width
 from growkit.models import ModelConfig, Transformer
@@ -52,17 +53,21 @@ def median_ms(fn, n: int) -> float:
     return 1e3 * statistics.median(times)
 
 
+@dataclass
+class Args:
+    d_model: int = 64
+    layers: int = 4
+    vocab: int = 512
+    scale: int = 2
+    batch: int = 8
+    seq: int = 128
+    repeats: int = 20
+    ddp: bool = False
+    """DistributedDataParallel instead of FSDP2"""
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--d-model", type=int, default=64)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--vocab", type=int, default=512)
-    ap.add_argument("--scale", type=int, default=2)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=20)
-    ap.add_argument("--ddp", action="store_true", help="DistributedDataParallel instead of FSDP2")
-    args = ap.parse_args()
+    args = tyro.cli(Args, description=__doc__.split("\n")[0], config=(tyro.conf.FlagCreatePairsOff,))
 
     torch.set_num_threads(1)
     world = int(os.environ.get("WORLD_SIZE", "1"))
