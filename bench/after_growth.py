@@ -36,7 +36,7 @@ import torch
 import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR, device_label, device_slug  # noqa: E402
+from common import RESULTS_DIR, atomic_write_text, device_label, device_slug  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {
@@ -122,7 +122,7 @@ def main(args: Args) -> int:
     out = RESULTS_DIR / f"after_growth_{args.preset}{'_quick' if args.quick else ''}_{device_slug(device)}.json"
     meta = dict(preset=args.preset, seeds=args.seeds, quick=args.quick, device=device_label(device),
                 command="python bench/after_growth.py " + " ".join(sys.argv[1:]))
-    out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1) + "\n")
+    atomic_write_text(out, json.dumps(dict(meta=meta, rows=rows), indent=1) + "\n")
     print(f"\n| variant (router init / trained after growth) | val loss end of phase 2 | end of phase 3 "
           f"| spike phase 2 | spike phase 3 | top-k share of slots, phase 2 (first tick, max) |")
     print("|---|---|---|---|---|---|")

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import device_label, parse_cli, write_results  # noqa: E402
+from common import atomic_write_text, device_label, parse_cli, write_results  # noqa: E402
 
 from growkit.growth.plan import TensorSpec  # noqa: E402
 from growkit.growth.stream import ShardWriter  # noqa: E402
@@ -94,7 +94,8 @@ def make_checkpoint(path: Path, hidden: int, inter: int, layers: int, vocab: int
             weight_map[name] = file
         w.close()
     total = sum(math.prod(s) * 4 for s in shapes.values())
-    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    atomic_write_text(path / "model.safetensors.index.json",
+                      json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
     params = sum(math.prod(s) for s in shapes.values())
     largest = max(shapes.items(), key=lambda kv: math.prod(kv[1]))
     return dict(params=params, bytes=total, largest=largest[0], largest_shape=list(largest[1]))

@@ -8,6 +8,7 @@ import os
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
+from growkit.files import atomic_write_text
 from growkit.validate import ArgumentKindError, real_number, whole_number
 
 
@@ -206,9 +207,8 @@ class ModelConfig:
         return cls(**dict(d))
 
     def to_json(self, path: str | os.PathLike) -> None:
-        """Writes the config as JSON to ``path`` (not atomic; see ``models.io``)."""
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(self.to_json_str())
+        """Writes the config as JSON to ``path``, atomically (a temporary file renamed over it)."""
+        atomic_write_text(path, self.to_json_str())
 
     def to_json_str(self) -> str:
         """Returns the config as a JSON string."""

@@ -54,12 +54,8 @@ def save_model(model: Transformer, directory: str | os.PathLike) -> None:
     def write_weights(tmp: str) -> None:
         save_file(state, tmp, metadata={"format": "pt"})
 
-    def write_config(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(model.config.to_json_str())
-
     atomic_write(os.path.join(directory, WEIGHTS_NAME), write_weights)
-    atomic_write(os.path.join(directory, CONFIG_NAME), write_config)
+    model.config.to_json(os.path.join(directory, CONFIG_NAME))
 
 
 def load_model(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -552,6 +553,28 @@ def test_config_round_trip(tmp_path):
     cfg.to_json(path)
     assert ModelConfig.from_json(path) == cfg
     assert json.loads(path.read_text())["head_dim"] == 8
+
+
+def test_config_to_json_is_atomic(tmp_path, monkeypatch):
+    """A write that fails midway leaves the file as it was and no temporary beside it."""
+    cfg = tiny_config()
+    path = tmp_path / "c.json"
+    cfg.to_json(path)
+    before = path.read_bytes()
+    real_open = open
+
+    def failing_open(file, mode="r", *args, **kwargs):
+        f = real_open(file, mode, *args, **kwargs)
+        if "w" in mode:
+            f.write('{"d_model": ')  # half a config, then the disk fills
+            raise OSError(28, "No space left on device")
+        return f
+
+    monkeypatch.setattr("builtins.open", failing_open)
+    with pytest.raises(OSError):
+        dataclasses.replace(cfg, d_model=2 * cfg.d_model).to_json(path)
+    monkeypatch.undo()
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["c.json"]
 
 
 @pytest.mark.parametrize(
