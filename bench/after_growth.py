@@ -123,8 +123,8 @@ def main(args: Args) -> int:
     meta = dict(preset=args.preset, seeds=args.seeds, quick=args.quick, device=device_label(device),
                 command="python bench/after_growth.py " + " ".join(sys.argv[1:]))
     atomic_write_text(out, json.dumps(dict(meta=meta, rows=rows), indent=1) + "\n")
-    print(f"\n| variant (router init / trained after growth) | val loss end of phase 2 | end of phase 3 "
-          f"| spike phase 2 | spike phase 3 | top-k share of slots, phase 2 (first tick, max) |")
+    print("\n| variant (router init / trained after growth) | val loss end of phase 2 | end of phase 3 "
+          "| spike phase 2 | spike phase 3 | top-k share of slots, phase 2 (first tick, max) |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['variant']} | {r['val_end_phase2']:.4f} | {r['val_end_phase3']:.4f} | "
