@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -28,19 +29,17 @@ def parse_cli(args_type: type[T], argv=None, description: str | None = None) -> 
     help) through tyro, the project's CLI library (the ``cli`` extra). ``argv``: None for
     sys.argv; ``description``: the script's docstring, shown by ``--help``. A ``bool`` field
     is a plain switch (``--quick``; no ``--no-quick`` partner, so ``no_compile`` stays
-    ``--no-compile``)."""
+    ``--no-compile``). A list flag (``tuple[T, ...]``) given with no value is a usage error, as
+    argparse's ``nargs="+"`` made it (tyro's lists take zero values too): one whose value ends
+    empty while its default is not."""
     import tyro
 
-    return tyro.cli(args_type, args=None if argv is None else list(argv), description=description,
+    args = tyro.cli(args_type, args=None if argv is None else list(argv), description=description,
                     config=(tyro.conf.FlagCreatePairsOff,))
-
-
-def require_values(args: object, *fields: str) -> None:
-    """A list flag (``tuple[T, ...]``) given with no value is a usage error, as argparse's
-    ``nargs="+"`` made it (tyro's lists take zero values too)."""
-    for f in fields:
-        if getattr(args, f) == ():
-            usage_error(f"argument --{f.replace('_', '-')}: expected at least one argument")
+    for f in dataclasses.fields(args_type):
+        if getattr(args, f.name) == () and f.default != ():
+            usage_error(f"argument --{f.name.replace('_', '-')}: expected at least one argument")
+    return args
 
 
 def usage_error(message: str) -> NoReturn:

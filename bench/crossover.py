@@ -39,7 +39,6 @@ from common import (  # noqa: E402
     device_label,
     device_slug,
     parse_cli,
-    require_values,
     usage_error,
 )
 from growth_vs_scratch import (  # noqa: E402
@@ -152,7 +151,6 @@ class Args(ConfigArgs):
 
 def main(argv=None) -> dict:
     args = parse_cli(Args, argv, description=__doc__)
-    require_values(args, "seeds", "scratch_lrs", "source_lrs")
     if args.analyze:
         path = Path(args.analyze)
         try:

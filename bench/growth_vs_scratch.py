@@ -65,6 +65,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import torch
+import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
@@ -72,7 +73,6 @@ from common import (  # noqa: E402
     atomic_write_text,
     device_label,
     parse_cli,
-    require_values,
     usage_error,
 )
 
@@ -211,14 +211,9 @@ def with_fields(base: TrainConfig, items: list[str], prog: str) -> TrainConfig:
 
 
 def tyro_flag(t, *, metavar: str | None = None, own_hint: bool = False, repeatable: bool = False):
-    """``t`` annotated for tyro (the cli extra; without it, ``t``: the functions of the bench
-    scripts import without it): ``metavar`` in the help; ``own_hint``: the help text says the
+    """``t`` annotated for tyro: ``metavar`` in the help; ``own_hint``: the help text says the
     default (or that the flag repeats) itself, so tyro adds no "(default: ...)"; ``repeatable``:
     one value per ``--flag VALUE``, given again for more."""
-    try:
-        import tyro
-    except ImportError:  # pragma: no cover - parse_cli says how to install it
-        return t
     arg = {**({"metavar": metavar} if metavar else {}),
            **({"help_behavior_hint": ""} if own_hint else {})}
     marks = [tyro.conf.arg(**arg)] if arg else []
@@ -670,7 +665,6 @@ class Args(ConfigArgs):
 
 def main(argv=None) -> dict:
     args = parse_cli(Args, argv, description=__doc__)
-    require_values(args, "seeds", "scratch_lrs")
     seeds = list(args.seeds)
     if len(set(seeds)) < 2:
         usage_error("--seeds: give at least 2 different seeds (the report needs a spread)")

@@ -32,7 +32,7 @@ from typing import Annotated
 import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import parse_cli, require_values, usage_error  # noqa: E402
+from common import parse_cli, usage_error  # noqa: E402
 
 #: Hoffmann et al. 2022, approach 3 (E, A, B, alpha, beta).
 CHINCHILLA = (1.69, 406.4, 410.7, 0.34, 0.28)
@@ -105,7 +105,6 @@ class Args:
 
 def main(argv=None) -> list[dict]:
     args = parse_cli(Args, argv, description=__doc__.split("\n\n")[0])
-    require_values(args, "ratios")
     if any(not r > 1 for r in args.ratios):
         usage_error("--ratios: each must be > 1 (the grown model is the larger)")
     if not args.n_small > 0 or any(not x > 0 for x in args.fit[1:]):
