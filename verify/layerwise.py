@@ -38,7 +38,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from growkit.growth.adapters import PART, get_family_adapter
-from growkit.growth.roles import ROLE_RULES
 from growkit.growth.stream import CheckpointReader
 from growkit.kernels.memory import release_freed_memory
 
@@ -147,8 +146,8 @@ class OffloadedModel:
         """``t`` (rows ``rows`` of the tensor ``name``, or all of it) with its zero-sum clone
         noise averaged out; ``t`` itself where its role takes none."""
         s = self.denoise_scale
-        roles = self.adapter.roles_for_names([name]).values()  # a fused tensor: all its parts
-        if not roles or t.shape[-1] % s or not all(ROLE_RULES[pr.role].zero_sum_noise for pr in roles):
+        roles = list(self.adapter.roles_for_names([name]).values())  # a fused tensor: all its parts
+        if not noise.carries_noise(roles, t, s):
             return t
         quiet, std = noise.denoise_tensor(t, s)
         self._removed.setdefault(name, {})[rows] = (std * std * t.numel(), t.numel())

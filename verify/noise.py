@@ -32,8 +32,8 @@ then the failures are re-labelled ``noise_amplified``, with both figures in the 
 Otherwise the diagnosis stands. A model with no width record at all (widened by another tool,
 e.g. Apple's ml-hypercloning, which writes none) is measured the same way against the median
 of its deviations instead of a recorded std; a width record without zero-sum noise means any
-deviation is a bug, and is never measured. It costs nothing unless a check failed; then, in memory,
-one copy of the grown model and one forward pass of it, and layerwise
+deviation is a bug, and is never measured. It costs nothing unless a check failed; then, in
+memory, one copy of the grown model and one forward pass of it, and layerwise
 (``verify/layerwise.py``) a second forward pass of both checkpoints, each noisy tensor
 averaged as it loads.
 """
@@ -85,13 +85,19 @@ def noise_to_measure(model: nn.Module, width_scale: int) -> tuple[float | None, 
     return None, width_scale
 
 
+def carries_noise(roles, t: torch.Tensor, scale: int) -> bool:
+    """Whether ``t``, the tensor of ``roles`` (:class:`ParamRole` s: a fused tensor has several),
+    carries zero-sum clone noise over ``scale`` input blocks."""
+    return bool(roles) and not t.shape[-1] % scale and all(ROLE_RULES[pr.role].zero_sum_noise for pr in roles)
+
+
 def noisy_blocks(model: nn.Module, scale: int):
     """(name, tensor view, blocks view [..., s, I]) of every tensor that carries zero-sum noise."""
     adapter = get_adapter(model, "verification")
     params = adapter.role_params(model)
     for name, pr in adapter.param_roles(model).items():
         t = params.get(name)
-        if t is None or not ROLE_RULES[pr.role].zero_sum_noise or t.shape[-1] % scale:
+        if t is None or not carries_noise([pr], t, scale):
             continue
         yield name, t, t.unflatten(-1, (scale, t.shape[-1] // scale))
 
