@@ -35,6 +35,13 @@ def _grow(model, noise_std):
     return growth.grow_width(model, 2, noise_std=noise_std, seed=0).eval()
 
 
+def _ten_times_the_noise(w: torch.Tensor, seed: int) -> torch.Tensor:
+    """Zero-sum deviations across w's two input blocks, 10x the recorded noise: the denoised
+    model is unchanged by them, but they are not the noise_std's doing."""
+    extra = 10 * LOUD * torch.randn(w.shape[0], w.shape[1] // 2, generator=torch.Generator().manual_seed(seed))
+    return torch.cat([extra, -extra], dim=1)
+
+
 def _logits_rel(old, new, ids, dtype):
     with torch.no_grad():
         a, b = old.to(dtype)(ids), new.to(dtype)(ids)
@@ -95,9 +102,7 @@ def test_without_a_width_record_the_median_deviation_stands_in(source):
     assert "no width record" in fi.cause and fi.figures["denoised_functional_identity"] == PASSED
     with torch.no_grad():  # one tensor with 10x the others' deviations: not one noise
         w = new.layers[1].attn.k_proj.weight
-        extra = 10 * LOUD * torch.randn(w.shape[0], w.shape[1] // 2, generator=torch.Generator().manual_seed(3))
-        w[:, : w.shape[1] // 2] += extra
-        w[:, w.shape[1] // 2:] -= extra
+        w += _ten_times_the_noise(w, seed=3)
     fi = run_growth_checks(source, new, random_ids(), "cpu", scale_factor=2)["functional_identity"]
     assert fi.status == FAILED and fi.diagnosis == "weight_expansion_bug", fi.diagnosis
 
@@ -151,9 +156,7 @@ def test_zero_sum_deviations_other_than_the_recorded_noise_keep_the_diagnosis(so
     new = _grow(source, LOUD)
     with torch.no_grad():
         w = new.layers[1].attn.k_proj.weight
-        extra = 10 * LOUD * torch.randn(w.shape[0], w.shape[1] // 2, generator=torch.Generator().manual_seed(3))
-        w[:, : w.shape[1] // 2] += extra
-        w[:, w.shape[1] // 2:] -= extra
+        w += _ten_times_the_noise(w, seed=3)
     assert run_growth_checks(source, denoised_copy(new, 2), random_ids(), "cpu", scale_factor=2)["functional_identity"].passed
     report = run_growth_checks(source, new, random_ids(), "cpu", scale_factor=2)
     failed = [c for c in report.checks if c.status == FAILED]
@@ -209,8 +212,7 @@ def test_checkpoints_in_memory_and_layerwise_say_the_same(tmp_path, family, reco
     def head_too_noisy(w):
         """Zero-sum deviations 10x the recorded noise on the LM head, which --layerwise reads in
         chunks of rows (its own loader): they must be measured there too."""
-        extra = 10 * LOUD * torch.randn(w.shape[0], w.shape[1] // 2, generator=torch.Generator().manual_seed(5))
-        return w + torch.cat([extra, -extra], dim=1)
+        return w + _ten_times_the_noise(w, seed=5)
 
     planted("lm_head.weight", head_too_noisy)
 
